@@ -17,9 +17,11 @@ log = logging.getLogger(__name__)
 
 
 def _start_ids(tok: PreTrainedTokenizerBase) -> list[int]:
-    for token in (tok.bos_token, tok.eos_token):
-        if token is not None:
-            return [tok.convert_tokens_to_ids(token)]
+    """A document-start token: ``<|endoftext|>`` where the vocabulary has it (chat BOS tokens give odd text)."""
+    vocab = tok.get_vocab()
+    for token in ("<|endoftext|>", tok.bos_token, tok.eos_token):
+        if token is not None and token in vocab:
+            return [vocab[token]]
     raise ValueError("the tokenizer has neither a BOS nor an EOS token to start generation from")
 
 

@@ -1,0 +1,114 @@
+"""``RankOneEdit``: an edit as a value (request + rank-one factors + provenance)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from editing.request import EditRequest
+
+FORMAT = "rome-chat/rank-one-edit/1"
+
+
+@dataclass(frozen=True, eq=False)
+class RankOneEdit:
+    """``ΔW = value_dir ⊗ key_dir`` for parameter ``param_name``; re-added exactly without recomputation.
+
+    Factors are float32 on the CPU. ``checksum_before``/``checksum_after`` are the parameter's
+    SHA-256 when the edit was computed and after it was applied on top of that state.
+    """
+
+    request: EditRequest
+    layer: int
+    param_name: str
+    value_dir: torch.Tensor  # (d_out,)
+    key_dir: torch.Tensor  # (d_in,)
+    hparams: dict[str, Any]
+    fingerprint: str
+    checksum_before: str
+    checksum_after: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def update_norm(self) -> float:
+        """Frobenius norm of ΔW (the product of the factor norms)."""
+        return float(self.value_dir.norm() * self.key_dir.norm())
+
+    def factors_bytes(self) -> bytes:
+        value = self.value_dir.detach().cpu().float().numpy().astype("<f4")
+        key = self.key_dir.detach().cpu().float().numpy().astype("<f4")
+        return value.tobytes() + key.tobytes()
+
+    def meta(self) -> dict[str, Any]:
+        """Everything but the factors, JSON-serialisable."""
+        return {
+            "format": FORMAT,
+            **self.request.to_dict(),
+            "layer": self.layer,
+            "param_name": self.param_name,
+            "hparams": self.hparams,
+            "fingerprint": self.fingerprint,
+            "checksum_before": self.checksum_before,
+            "checksum_after": self.checksum_after,
+            "stats": self.stats,
+            "value_shape": [int(self.value_dir.numel())],
+            "key_shape": [int(self.key_dir.numel())],
+            "dtype": "float32-le",
+            "factors_sha256": hashlib.sha256(self.factors_bytes()).hexdigest(),
+        }
+
+    def to_payload(self) -> tuple[dict[str, Any], bytes]:
+        return self.meta(), self.factors_bytes()
+
+    @classmethod
+    def from_payload(cls, meta: dict[str, Any], factors: bytes) -> RankOneEdit:
+        """Inverse of ``to_payload``; malformed input raises ``ValueError``."""
+        try:
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"unknown edit format {meta.get('format')!r}")
+            n_value, n_key = int(meta["value_shape"][0]), int(meta["key_shape"][0])
+            if len(factors) != 4 * (n_value + n_key):
+                raise ValueError("factor bytes do not match the stated shapes")
+            if "factors_sha256" in meta and hashlib.sha256(factors).hexdigest() != meta["factors_sha256"]:
+                raise ValueError("factor bytes fail their checksum")
+            flat = torch.from_numpy(np.frombuffer(factors, dtype="<f4").astype(np.float32))
+            if not torch.isfinite(flat).all():
+                raise ValueError("factors contain non-finite values")
+            request = EditRequest(meta["subject"], meta["relation"], meta["target"], meta.get("layer"))
+            return cls(
+                request=request,
+                layer=int(meta["layer"]),
+                param_name=str(meta["param_name"]),
+                value_dir=flat[:n_value].clone(),
+                key_dir=flat[n_value:].clone(),
+                hparams=dict(meta["hparams"]),
+                fingerprint=str(meta["fingerprint"]),
+                checksum_before=str(meta["checksum_before"]),
+                checksum_after=str(meta["checksum_after"]),
+                stats=dict(meta.get("stats", {})),
+            )
+        except (KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"malformed edit record: {err!r}") from err
+
+    def to_bytes(self) -> bytes:
+        """One self-contained blob: 4-byte header length, JSON meta, factors."""
+        meta, factors = self.to_payload()
+        header = json.dumps(meta, ensure_ascii=False).encode()
+        return len(header).to_bytes(4, "little") + header + factors
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> RankOneEdit:
+        if len(blob) < 4:
+            raise ValueError("edit blob is truncated")
+        n = int.from_bytes(blob[:4], "little")
+        try:
+            meta = json.loads(blob[4 : 4 + n].decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"edit blob header is unreadable: {err}") from err
+        if not isinstance(meta, dict):
+            raise ValueError("edit blob header is not an object")
+        return cls.from_payload(meta, blob[4 + n :])

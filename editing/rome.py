@@ -1,0 +1,72 @@
+"""ROME's three steps: the key k*, the value delta, and the rank-one update.
+
+The update uses the averaged key k* on both sides (Gupta et al. 2024, "Rebuilding ROME"):
+``W' = W + delta (C^-1 k*)^T / ((C^-1 k*)^T k*)``, so ``W' k* = W k* + delta``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from editing.arch import get_module, layer_name
+from editing.nethook import capture_input, run_until
+from editing.rows import Row
+
+Progress = Callable[[str, float], None]
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into ``(ids, mask)``, both (B, T)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def compute_key(model: PreTrainedModel, layer: int, rows: Sequence[Row], pad_id: int) -> torch.Tensor:
+    """k*: the rewritten projection's input at the subject's last token, averaged over rows. (d_in,) float32."""
+    device = next(model.parameters()).device
+    ids, mask = pad_batch([r.input_ids for r in rows], pad_id, device)
+    with capture_input(model, layer_name(model, layer, "mlp_out"), stop=True) as box:
+        run_until(model, input_ids=ids, attention_mask=mask, use_cache=False)
+    lookups = torch.tensor([r.lookup for r in rows], device=device)
+    keys = box["input"][torch.arange(len(rows), device=device), lookups]  # (B, d_in)
+    return keys.float().mean(0)
+
+
+@torch.no_grad()
+def value_at(model: PreTrainedModel, layer: int, key: torch.Tensor) -> torch.Tensor:
+    """The projection's output for ``key`` (bias included). (d_out,) float32."""
+    module = get_module(model, layer_name(model, layer, "mlp_out"))
+    weight = module.weight
+    return module(key.to(weight.dtype).unsqueeze(0))[0].float()
+
+
+def rank_one_factors(cov: torch.Tensor, key: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(value_dir, key_dir)`` with ``ΔW = value_dir ⊗ key_dir``: value_dir = delta, key_dir = C⁻¹k* / (k*ᵀ C⁻¹ k*).
+
+    Solved in float64; returned in float32 on the key's device.
+    """
+    k = key.double().cpu()
+    c_inv_k = torch.linalg.solve(cov.double().cpu(), k)  # (d_in,)
+    denom = torch.dot(c_inv_k, k)
+    if not torch.isfinite(denom) or denom <= 0:
+        raise ValueError("the key statistics are degenerate for this subject (k*ᵀ C⁻¹ k* ≤ 0)")
+    key_dir = (c_inv_k / denom).float().to(key.device)
+    return delta.detach().float().clone(), key_dir
+
+
+@dataclass(frozen=True)
+class ValueResult:
+    delta: torch.Tensor  # (d_out,) float32, already clamped
+    v0_norm: float  # ||W k*||, the scale for the clamp and the norm penalty
+    losses: tuple[float, ...]  # target NLL per step
+    steps: int  # optimisation steps taken
+    target_prob: float  # mean probability of the target tokens at the last evaluated step
