@@ -1,0 +1,114 @@
+"""Where the ledger lives: URL resolution, a private SQLite file, and the engine's connection settings.
+
+SQLite connections run in WAL mode with foreign keys on and a busy timeout. We issue
+``BEGIN`` ourselves (pysqlite would defer it to the first write): writers take the write lock
+up front with ``BEGIN IMMEDIATE``, so a read-modify-write such as "append at the next
+position" cannot interleave with another process; readers use a plain deferred ``BEGIN``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import URL, Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError
+
+from db.schema import LedgerError
+
+logger = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another process's lock
+READ_ONLY = "ledger_read_only"  # execution option: begin a deferred (reading) transaction
+
+
+def to_url(path_or_url: str | Path) -> str:
+    """A database URL as given, or a filesystem path turned into a ``sqlite:///`` URL."""
+    if isinstance(path_or_url, str) and "://" in path_or_url:
+        try:
+            make_url(path_or_url)
+        except ArgumentError as err:
+            raise LedgerError(f"{path_or_url!r} is not a valid database URL: {err}") from err
+        return path_or_url
+    path = Path(path_or_url).expanduser().absolute()
+    return URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
+
+
+def resolve_url(flag: str | None, default_path: Path) -> str:
+    """The ledger's URL: the ``--db`` flag wins, then ``$DATABASE_URL``, then ``default_path``."""
+    if flag is not None:
+        if not flag.strip():
+            raise LedgerError("--db is empty; give a file path or a database URL such as sqlite:///edits.db")
+        return to_url(flag.strip())
+    env = os.environ.get("DATABASE_URL", "").strip()
+    if env:
+        return to_url(env)
+    return to_url(default_path)
+
+
+def describe(url: URL) -> str:
+    """How to name the ledger in messages: its file for SQLite, else the URL without password."""
+    if url.get_backend_name() == "sqlite":
+        return url.database or ":memory:"
+    return url.render_as_string(hide_password=True)
+
+
+def sqlite_file(url: URL) -> Path | None:
+    """The file behind a SQLite URL, or None for in-memory and ``file:`` URI databases."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    if url.database.startswith("file:"):
+        return None
+    return Path(url.database)
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` (and missing folders) readable by the owner only, if it does not exist yet.
+
+    SQLite gives its ``-wal`` and ``-shm`` files the database file's permissions, so creating
+    the file ourselves first keeps all three private.
+    """
+    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    try:
+        for folder in reversed(missing):
+            folder.mkdir(mode=0o700)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            logger.warning("ledger %s is readable by other users (mode %o); run: chmod 600 %s", path, mode, path)
+        return
+    except OSError as err:
+        raise LedgerError(f"cannot create the ledger file {path}: {err.strerror}; choose another --db path") from err
+    os.close(fd)
+    logger.info("created ledger file %s (mode 600)", path)
+
+
+def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # no implicit BEGIN from pysqlite: see _on_begin
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _on_begin(conn: Any) -> None:
+    mode = "DEFERRED" if conn.get_execution_options().get(READ_ONLY) else "IMMEDIATE"
+    conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def create_ledger_engine(url: URL) -> Engine:
+    """An engine for ``url``; for a SQLite file, the file is created private before first use."""
+    if url.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    path = sqlite_file(url)
+    if path is not None:
+        create_private_file(path)
+    engine = create_engine(url)
+    event.listen(engine, "connect", _on_connect)
+    event.listen(engine, "begin", _on_begin)
+    return engine

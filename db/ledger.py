@@ -1,0 +1,286 @@
+"""``Ledger``: the durable record of every edit made to one model, and of what happened to it.
+
+The service drives the ledger through each edit's life, one transaction per call:
+
+    edit_id = ledger.record_pending(meta, factors, ...)    # before the weights change
+    ... apply to the weights, verify the parameter checksum ...
+    ledger.mark_applied(edit_id, checksum_after, ...)       # after they did
+
+A crash between the two leaves a 'pending' row; at start-up the service lists ``pending()``
+and resolves each one (``mark_applied(..., repaired=True)``, ``mark_failed`` or
+``discard_pending``). Applied edits form a dense sequence, positions 0..n-1: reverting or
+superseding removes an edit from it (later ones move up), re-applying appends at the end.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import URL, delete, func, make_url, select, update
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.engine import READ_ONLY, create_ledger_engine, describe, to_url
+from db.queries import LedgerReads, load_edit
+from db.records import check_hex64, dumps, sha256_hex, validate_meta, validate_probes
+from db.schema import EVENT_KINDS, Edit, Event, LedgerError, MetaEntry, prepare_schema
+
+logger = logging.getLogger(__name__)
+
+
+def _short(fingerprint: str) -> str:
+    return fingerprint[:12]
+
+
+class Ledger(LedgerReads):
+    """An edit ledger in any SQLAlchemy database. Every public method is one transaction."""
+
+    def __init__(self, url: str | URL) -> None:
+        try:
+            self.url = make_url(url)
+        except ArgumentError as err:
+            raise LedgerError(f"{url!r} is not a valid database URL: {err}") from err
+        self.where = describe(self.url)
+        self._engine = create_ledger_engine(self.url)
+        try:
+            prepare_schema(self._engine, self.where)
+        except SQLAlchemyError as err:
+            self._engine.dispose()
+            reason = getattr(err, "orig", None) or err
+            raise LedgerError(f"cannot open ledger {self.where}: {reason}; check the --db path") from err
+        except LedgerError:
+            self._engine.dispose()
+            raise
+        self._write = sessionmaker(self._engine, expire_on_commit=False)
+        self._read = sessionmaker(self._engine.execution_options(**{READ_ONLY: True}))
+
+    @classmethod
+    def open(cls, path_or_url: str | Path, fingerprint: str | None = None) -> Ledger:
+        """Open (creating if needed) the ledger at a path or URL, bound to ``fingerprint`` if given."""
+        ledger = cls(to_url(path_or_url))
+        if fingerprint is not None:
+            try:
+                ledger.bind_model(fingerprint)
+            except LedgerError:
+                ledger.close()
+                raise
+        return ledger
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- model binding ---------------------------------------------------------------------
+
+    def bind_model(self, fingerprint: str) -> None:
+        """Record the model of an empty ledger; refuse a model other than the recorded one."""
+        check_hex64(fingerprint, "model fingerprint")
+        with self._write.begin() as s:
+            self._check_model(s, fingerprint)
+
+    def _check_model(self, s: Session, fingerprint: str) -> None:
+        entry = s.get(MetaEntry, "model_fingerprint")
+        if entry is None:
+            s.add(MetaEntry(key="model_fingerprint", value=fingerprint))
+            logger.info("ledger %s bound to model %s", self.where, _short(fingerprint))
+        elif entry.value != fingerprint:
+            raise LedgerError(
+                f"ledger {self.where} holds edits for model {_short(entry.value)}…, but the loaded "
+                f"model is {_short(fingerprint)}…. Start with another --db path for this model, "
+                "or load the model this ledger was made for."
+            )
+
+    # -- life of an edit -------------------------------------------------------------------
+
+    def record_pending(
+        self, meta: dict[str, Any], factors: bytes, probes: list[dict[str, Any]] | None = None,
+        note: str | None = None, author: str | None = None, answer_before: str | None = None,
+    ) -> int:
+        """Store a computed edit as 'pending', before it touches the weights; return its id."""
+        if factors is None:
+            raise LedgerError("a pending edit needs its factors")
+        clean = validate_meta(meta, factors)
+        with self._write.begin() as s:
+            self._check_model(s, clean["fingerprint"])
+            row = self._new_row(clean, bytes(factors), "pending", validate_probes(probes), note, author)
+            row.answer_before = answer_before
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def record_refused(
+        self, meta: dict[str, Any], reason: str, factors: bytes | None = None,
+        probes: list[dict[str, Any]] | None = None, note: str | None = None,
+        author: str | None = None, answer_before: str | None = None,
+    ) -> int:
+        """Store an edit that was refused (never applied), with the reason; return its id.
+
+        The model binding is not enforced: an edit may be refused for being made for another model.
+        """
+        _require_text(reason, "reason")
+        clean = validate_meta(meta, factors)
+        with self._write.begin() as s:
+            factors_b = None if factors is None else bytes(factors)
+            row = self._new_row(clean, factors_b, "refused", validate_probes(probes), note, author)
+            row.answer_before, row.refusal_reason = answer_before, reason
+            s.add(row)
+            s.flush()
+            s.add(Event(edit_id=row.id, kind="refused", actor=author, detail=reason))
+            return row.id
+
+    def mark_applied(
+        self, edit_id: int, checksum_after: str, answer_after: str | None = None,
+        probes: list[dict[str, Any]] | None = None, position: int | None = None,
+        actor: str | None = None, repaired: bool = False,
+    ) -> int:
+        """Pending -> applied, appended to the applied sequence; return its position.
+
+        ``checksum_after`` is the parameter's checksum observed after applying (stored as
+        ``state_checksum``). ``position``, when given, must be the next free one: a guard
+        against two writers. ``repaired=True`` logs a 'repaired' event (start-up recovery).
+        """
+        check_hex64(checksum_after, "checksum_after")
+        clean_probes = None if probes is None else validate_probes(probes)
+        with self._write.begin() as s:
+            row = load_edit(s, edit_id, "pending")
+            end = self._next_position(s)
+            if position is not None and position != end:
+                raise LedgerError(
+                    f"edit #{edit_id} cannot take position {position}: {end} edits are applied, "
+                    f"so it can only be appended at position {end}"
+                )
+            row.status, row.position, row.state_checksum = "applied", end, checksum_after
+            if answer_after is not None:
+                row.answer_after = answer_after
+            if clean_probes is not None:
+                row.probes_json = dumps(clean_probes)
+            detail = f"position {end}"
+            if checksum_after != row.checksum_after:
+                logger.warning("edit #%d: parameter checksum after applying differs from the computed one", edit_id)
+                detail += f"; checksum {_short(checksum_after)} differs from computed {_short(row.checksum_after or '')}"
+            s.add(Event(edit_id=edit_id, kind="repaired" if repaired else "applied", actor=actor, detail=detail))
+            return end
+
+    def mark_failed(self, edit_id: int, reason: str, actor: str | None = None, repaired: bool = False) -> None:
+        """Pending -> failed (it never took effect, or was rolled back), with the reason."""
+        _require_text(reason, "reason")
+        with self._write.begin() as s:
+            row = load_edit(s, edit_id, "pending")
+            row.status, row.refusal_reason = "failed", reason
+            s.add(Event(edit_id=edit_id, kind="repaired" if repaired else "failed", actor=actor, detail=reason))
+
+    def discard_pending(self, edit_id: int) -> None:
+        """Delete a pending row that never took effect; refused if the audit trail mentions it."""
+        with self._write.begin() as s:
+            load_edit(s, edit_id, "pending")
+            if s.scalar(select(func.count()).select_from(Event).where(Event.edit_id == edit_id)):
+                raise LedgerError(f"edit #{edit_id} has audit events and cannot be deleted; use mark_failed")
+            s.execute(delete(Edit).where(Edit.id == edit_id))
+        logger.info("discarded pending edit #%d", edit_id)
+
+    def mark_reverted(self, edit_id: int, actor: str | None = None, detail: str | None = None) -> None:
+        """Applied -> reverted; the edit leaves the applied sequence, later edits move up one place.
+
+        State checksums from its old position on are cleared: the service recomputes them
+        (``set_state_checksums``) after rebuilding the parameter.
+        """
+        with self._write.begin() as s:
+            row = load_edit(s, edit_id, "applied")
+            self._leave_sequence(s, row)
+            row.status = "reverted"
+            s.add(Event(edit_id=edit_id, kind="reverted", actor=actor, detail=detail))
+
+    def mark_reapplied(
+        self, edit_id: int, state_checksum: str | None = None, actor: str | None = None, detail: str | None = None,
+    ) -> int:
+        """Reverted or superseded -> applied, appended at the end of the sequence; return its position."""
+        if state_checksum is not None:
+            check_hex64(state_checksum, "state_checksum")
+        with self._write.begin() as s:
+            row = load_edit(s, edit_id, "reverted", "superseded")
+            end = self._next_position(s)
+            row.status, row.position, row.state_checksum, row.superseded_by = "applied", end, state_checksum, None
+            s.add(Event(edit_id=edit_id, kind="reapplied", actor=actor, detail=detail or f"position {end}"))
+            return end
+
+    def supersede(self, old_id: int, new_id: int, actor: str | None = None) -> None:
+        """The applied edit ``old_id`` is replaced by ``new_id`` (pending or applied).
+
+        The old edit leaves the applied sequence as in ``mark_reverted``: the service removes
+        its update from the weights.
+        """
+        if old_id == new_id:
+            raise LedgerError(f"edit #{old_id} cannot supersede itself")
+        with self._write.begin() as s:
+            old = load_edit(s, old_id, "applied")
+            load_edit(s, new_id, "pending", "applied")
+            self._leave_sequence(s, old)
+            old.status, old.superseded_by = "superseded", new_id
+            s.add(Event(edit_id=old_id, kind="superseded", actor=actor, detail=f"by edit #{new_id}"))
+
+    def set_state_checksums(self, checksums: Mapping[int, str]) -> None:
+        """Store the checksum of the parameter after each applied edit (after a rebuild)."""
+        for edit_id, checksum in checksums.items():
+            check_hex64(checksum, f"state checksum of edit #{edit_id}")
+        with self._write.begin() as s:
+            for edit_id, checksum in checksums.items():
+                load_edit(s, edit_id, "applied").state_checksum = checksum
+
+    def add_event(self, edit_id: int | None, kind: str, actor: str | None = None, detail: str | None = None) -> int:
+        """Append to the audit trail (e.g. 'replayed', 'imported'); return the event id."""
+        if kind not in EVENT_KINDS:
+            raise LedgerError(f"unknown event kind {kind!r}; use one of {', '.join(EVENT_KINDS)}")
+        with self._write.begin() as s:
+            if edit_id is not None:
+                load_edit(s, edit_id)
+            event = Event(edit_id=edit_id, kind=kind, actor=actor, detail=detail)
+            s.add(event)
+            s.flush()
+            return event.id
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _next_position(s: Session) -> int:
+        # Postgres & co.: lock a known row so two writers cannot take the same position
+        # (SQLite already holds the write lock from BEGIN IMMEDIATE).
+        s.execute(select(MetaEntry).where(MetaEntry.key == "schema_version").with_for_update())
+        top = s.scalar(select(func.max(Edit.position)).where(Edit.status == "applied"))
+        return 0 if top is None else top + 1
+
+    @staticmethod
+    def _leave_sequence(s: Session, row: Edit) -> None:
+        removed, row.position, row.state_checksum = row.position, None, None
+        s.flush()
+        if removed is not None:
+            s.execute(
+                update(Edit).where(Edit.position > removed)
+                .values(position=Edit.position - 1, state_checksum=None)
+                .execution_options(synchronize_session="fetch")
+            )
+
+    @staticmethod
+    def _new_row(
+        meta: dict[str, Any], factors: bytes | None, status: str, probes: list[dict[str, Any]],
+        note: str | None, author: str | None,
+    ) -> Edit:
+        return Edit(
+            status=status, subject=meta["subject"], relation=meta["relation"], target=meta["target"],
+            layer=meta["layer"], param_name=meta["param_name"], factors=factors,
+            factors_sha256=None if factors is None else sha256_hex(factors),
+            meta_json=dumps(meta), hparams_json=dumps(meta["hparams"]), fingerprint=meta["fingerprint"],
+            checksum_before=meta.get("checksum_before"), checksum_after=meta.get("checksum_after"),
+            probes_json=dumps(probes), note=note, author=author,
+        )
+
+
+def _require_text(value: object, field: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise LedgerError(f"{field} must be non-empty text explaining why")
