@@ -7,6 +7,7 @@ nowhere else. Orientation of the rewritten weight is decided by the module's typ
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +26,12 @@ class ArchSpec:
     final_norm: str  # norm before the unembedding
     unembed: str  # output head
     n_layers_key: str  # config attribute holding the number of blocks
+    direct_layers: bool = False  # blocks take (hidden, mask, position_embeddings) and can be run from any layer
 
 
 _LLAMA_LIKE = ArchSpec(
     layers="model.layers",
+    direct_layers=False,
     mlp_out="mlp.down_proj",
     attn="self_attn",
     mlp="mlp",
@@ -69,7 +72,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         unembed="embed_out",
         n_layers_key="num_hidden_layers",
     ),
-    "llama": _LLAMA_LIKE,
+    "llama": dataclasses.replace(_LLAMA_LIKE, direct_layers=True),
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
@@ -129,3 +132,12 @@ def rank_one_delta(module: nn.Module, value_dir: torch.Tensor, key_dir: torch.Te
     if is_transposed(module):
         return torch.outer(key_dir, value_dir)  # (in, out)
     return torch.outer(value_dir, key_dir)  # (out, in)
+
+
+def functional_linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``module``'s output for input ``x`` had its weight been ``weight``."""
+    bias = getattr(module, "bias", None)
+    if is_transposed(module):
+        out = x @ weight  # Conv1D: (…, in) @ (in, out)
+        return out if bias is None else out + bias
+    return torch.nn.functional.linear(x, weight, bias)

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from editing.arch import get_module, is_transposed, mlp_out_param_name, n_layers, rank_one_delta
 from editing.edit import RankOneEdit
 from editing.fingerprint import model_fingerprint, tensor_checksum
+from editing.nethook import replace_weights
 from editing.hparams import RomeHyperParams, default_hparams
 from editing.request import EditRequest
 from editing.rome import Progress, compute_key, rank_one_factors
@@ -138,9 +139,11 @@ class RomeEditor:
         )  # fmt: skip
 
     # ----- weights ----------------------------------------------------------------------
-    def _added(self, name: str, value_dir: torch.Tensor, key_dir: torch.Tensor) -> torch.Tensor:
-        """The parameter plus ``value_dir ⊗ key_dir``, added in float32 and cast once (not in place)."""
-        param = self.model.get_parameter(name)
+    def _added(
+        self, name: str, value_dir: torch.Tensor, key_dir: torch.Tensor, base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``base`` (default: the parameter) plus ``value_dir ⊗ key_dir``, added in float32 and cast once (not in place)."""
+        param = self.model.get_parameter(name) if base is None else base
         module = get_module(self.model, name.rsplit(".", 1)[0])
         delta = rank_one_delta(module, value_dir.to(param.device), key_dir.to(param.device))
         return (param.detach().float() + delta).to(param.dtype)
@@ -194,20 +197,22 @@ class RomeEditor:
             self.model.get_parameter(name).copy_(base)
         self._applied = []
 
+    @torch.no_grad()
+    def sequence_checksums(self) -> list[str]:
+        """For each applied edit, in order: its parameter's checksum right after it was added."""
+        state = {name: base.clone() for name, base in self._baseline.items()}
+        sums = []
+        for edit in self._applied:
+            state[edit.param_name] = self._added(edit.param_name, edit.value_dir, edit.key_dir, state[edit.param_name])
+            sums.append(tensor_checksum(state[edit.param_name]))
+        return sums
+
     @property
     def applied(self) -> tuple[RankOneEdit, ...]:
         return tuple(self._applied)
 
     @contextmanager
     def original_weights(self) -> Iterator[None]:
-        """Temporarily swap in the unedited weights (restored exactly, also on error)."""
-        saved = {n: self.model.get_parameter(n).detach().clone() for n in self._baseline}
-        try:
-            with torch.no_grad():
-                for name, base in self._baseline.items():
-                    self.model.get_parameter(name).copy_(base)
+        """Forward passes in this thread see the unedited weights; the parameters are not touched."""
+        with replace_weights(self.model, dict(self._baseline)):
             yield
-        finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    self.model.get_parameter(name).copy_(value)

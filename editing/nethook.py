@@ -1,5 +1,11 @@
-"""Hooks that never outlive their ``with`` block."""
+"""Hooks that never outlive their ``with`` block.
+
+Every hook acts only in the thread that installed it: a chat generating in another thread
+runs the same modules untouched while an edit is being computed.
+"""
 from __future__ import annotations
+
+import threading
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -8,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from editing.arch import get_module
+from editing.arch import functional_linear, get_module
 
 
 class StopForward(Exception):
@@ -31,8 +37,11 @@ def edit_output(
 ) -> Iterator[None]:
     """Pass the module's (first) output through ``fn``; a returned tensor replaces it."""
     module = get_module(model, name)
+    owner = threading.get_ident()
 
     def hook(_mod: nn.Module, _inp: Any, output: Any) -> Any:
+        if threading.get_ident() != owner:
+            return None
         new = fn(_first(output))
         return None if new is None else _replace_first(output, new)
 
@@ -48,8 +57,11 @@ def capture_input(model: nn.Module, name: str, stop: bool = False) -> Iterator[d
     """Record the module's first positional input in ``box["input"]``; optionally stop the pass."""
     module = get_module(model, name)
     box: dict[str, torch.Tensor] = {}
+    owner = threading.get_ident()
 
     def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+        if threading.get_ident() != owner:
+            return
         box["input"] = args[0]
         if stop:
             raise StopForward
@@ -67,3 +79,30 @@ def run_until(model: nn.Module, **inputs: Any) -> None:
         model(**inputs)
     except StopForward:
         pass
+
+
+@contextmanager
+def replace_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Run the modules owning ``weights`` (parameter name -> tensor) with those weights instead.
+
+    The parameters themselves are untouched; only this thread's forward passes see the swap.
+    """
+    owner = threading.get_ident()
+    handles = []
+
+    def make_hook(weight: torch.Tensor) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if threading.get_ident() != owner:
+                return None
+            return _replace_first(output, functional_linear(module, args[0], weight))
+
+        return hook
+
+    try:
+        for name, weight in weights.items():
+            module = get_module(model, name.rsplit(".", 1)[0])
+            handles.append(module.register_forward_hook(make_hook(weight)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

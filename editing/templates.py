@@ -16,13 +16,9 @@ from editing.loading import cache_dir
 log = logging.getLogger(__name__)
 
 
-def _start_ids(tok: PreTrainedTokenizerBase) -> list[int]:
-    """A document-start token: ``<|endoftext|>`` where the vocabulary has it (chat BOS tokens give odd text)."""
-    vocab = tok.get_vocab()
-    for token in ("<|endoftext|>", tok.bos_token, tok.eos_token):
-        if token is not None and token in vocab:
-            return [vocab[token]]
-    raise ValueError("the tokenizer has neither a BOS nor an EOS token to start generation from")
+# Opening words for the sampled prefixes: small instruct models write noise after a bare
+# document-start token, but continue ordinary openings into ordinary sentences.
+OPENINGS = ("The", "Therefore", "Because", "I", "You")
 
 
 @torch.no_grad()
@@ -35,20 +31,20 @@ def generate_templates(
     """``["{}"]`` plus, per ``(tokens, count)``, ``count`` sampled prefixes of that length, each ``"<text>. {}"``."""
     device = next(model.parameters()).device
     templates = ["{}"]
-    start = torch.tensor([_start_ids(tok)], device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for length, count in lengths:
+            openings = [OPENINGS[i % len(OPENINGS)] for i in range(count)]
+            enc = tok(openings, return_tensors="pt", padding=True, padding_side="left").to(device)
             out = model.generate(
-                start.expand(count, -1),
-                attention_mask=torch.ones(count, start.shape[1], dtype=torch.long, device=device),
+                **enc,
                 do_sample=True,
                 top_k=5,
                 max_new_tokens=length,
                 min_new_tokens=length,
                 pad_token_id=tok.pad_token_id,
             )
-            for row in out[:, start.shape[1] :]:
+            for row in out:
                 text = tok.decode(row, skip_special_tokens=True)
                 text = " ".join(text.replace("{", " ").replace("}", " ").split())
                 templates.append(f"{text}. {{}}")

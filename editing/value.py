@@ -16,7 +16,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 from editing.arch import layer_name
 from editing.hparams import RomeHyperParams
-from editing.nethook import edit_output
+from editing.layers import can_start_midway, run_from
+from editing.nethook import capture_input, edit_output, run_until
 from editing.rome import Progress, ValueResult, pad_batch, value_at
 from editing.rows import Row
 
@@ -82,22 +83,35 @@ def fast_forward(model: PreTrainedModel, layer: int, rows: Sequence[Row], kl: Ro
     pos = pos - n_prefix[row_of]
     kl_pos = kl.target_positions[0] - kl.lookup
 
-    def forward(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fresh_cache() -> DynamicCache:
         cache = DynamicCache(config=model.config)
         for i, (k, v) in enumerate(past):
             cache.update(k, v, i)
+        return cache
 
-        def add_delta(out: torch.Tensor) -> torch.Tensor:
-            return torch.cat([out[:, :1] + delta.to(out.dtype), out[:, 1:]], 1)
+    inputs = {"attention_mask": mask, "position_ids": positions}
+    midway = bool(past) and can_start_midway(model)
+    if midway:
+        # The input of the edited block at the suffix tokens does not depend on delta: compute it once.
+        with torch.no_grad(), capture_input(model, layer_name(model, layer), stop=True) as box:
+            run_until(model.base_model, input_ids=suf_ids, past_key_values=fresh_cache(), use_cache=True, **inputs)
+        start_hidden = box["input"].detach()
 
+    def add_delta(out: torch.Tensor) -> torch.Tensor:
+        return torch.cat([out[:, :1] + delta_box[0].to(out.dtype), out[:, 1:]], 1)
+
+    delta_box: list[torch.Tensor] = []
+
+    def forward(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        delta_box[:] = [delta]
         with edit_output(model, layer_name(model, layer, "mlp_out"), add_delta):
-            hidden = model.base_model(
-                input_ids=suf_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache if past else None,
-                use_cache=bool(past),
-            ).last_hidden_state  # (B, S, d)
+            if midway:
+                hidden = run_from(model, layer, start_hidden, mask, positions, fresh_cache())
+            else:
+                cache = fresh_cache() if past else None
+                hidden = model.base_model(
+                    input_ids=suf_ids, past_key_values=cache, use_cache=bool(past), **inputs
+                ).last_hidden_state  # (B, S, d)
         picked = torch.cat([hidden[row_of, pos], hidden[-1:, kl_pos]], 0)
         logp = torch.log_softmax(_unembed(model, picked), dim=-1)
         return logp[torch.arange(len(tgt), device=device), tgt], logp[-1]

@@ -1,0 +1,118 @@
+"""The command line over the service: ``python app.py [global flags] COMMAND …``.
+
+Readable tables by default, JSON with ``--json``; any error exits non-zero with one clear line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from chat_app.runtime import Settings, build_service
+from chat_app.service import EditService
+from chat_app.transfer import export_file, import_file
+from editing import EditRequest
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    edit = sub.add_parser("edit", help="apply a new fact")
+    edit.add_argument("--subject", required=True)
+    edit.add_argument("--relation", required=True, help='template with {} for the subject, e.g. "{} is located in"')
+    edit.add_argument("--target", required=True)
+    edit.add_argument("--layer", type=int)
+    edit.add_argument("--paraphrase", action="append", default=[], help="a prompt to check (repeatable)")
+    edit.add_argument("--neighbour", action="append", default=[], help="a prompt that must not change (repeatable)")
+    edit.add_argument("--note")
+    edit.add_argument("--force", action="store_true", help="apply even if the update norm is an outlier")
+    edit.add_argument("--json", action="store_true")
+    history = sub.add_parser("history", help="list the ledger")
+    history.add_argument("--status")
+    history.add_argument("--json", action="store_true")
+    for name in ("revert", "reapply"):
+        cmd = sub.add_parser(name, help=f"{name} an edit by id")
+        cmd.add_argument("id", type=int)
+        cmd.add_argument("--json", action="store_true")
+    verify = sub.add_parser("verify", help="re-check applied edits (and with --integrity the ledger)")
+    verify.add_argument("--integrity", action="store_true")
+    verify.add_argument("--json", action="store_true")
+    export = sub.add_parser("export", help="write edits to one file")
+    export.add_argument("path")
+    export.add_argument("--ids", type=int, nargs="+")
+    imp = sub.add_parser("import", help="apply the edits of an export file")
+    imp.add_argument("path")
+    imp.add_argument("--json", action="store_true")
+
+
+def _row(r: Any) -> dict[str, Any]:
+    return {"id": r.id, "status": r.status, "subject": r.subject, "relation": r.relation, "target": r.target,
+            "layer": r.layer, "answer_before": r.answer_before, "answer_after": r.answer_after,
+            "created_at": r.created_at.isoformat(), "superseded_by": r.superseded_by}  # fmt: skip
+
+
+def _table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
+    cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False) if getattr(args, "json", False) else text)
+
+
+def _progress(stage: str, frac: float) -> None:
+    log.info("%s %3.0f%%", stage, 100 * frac)
+
+
+def run_command(args: argparse.Namespace, service: EditService) -> int:
+    cmd = args.command
+    if cmd == "edit":
+        request = EditRequest(args.subject, args.relation, args.target, args.layer)
+        result = service.apply(request, paraphrases=args.paraphrase, neighbours=args.neighbour, note=args.note,
+                               allow_outlier=args.force, progress=_progress)  # fmt: skip
+        data = {**_row(result.record), "superseded": list(result.superseded), "stats": result.stats,
+                "probes": [p.to_dict() for p in result.probes]}  # fmt: skip
+        text = _table([p.to_dict() for p in result.probes], ["kind", "prompt", "before", "after", "holds"])
+        sup = f"; superseded {list(result.superseded)}" if result.superseded else ""
+        _emit(args, data, f"applied edit #{result.edit_id}{sup}\n{text}")
+    elif cmd == "history":
+        rows = [_row(r) for r in service.history(status=args.status)]
+        _emit(args, rows, _table(rows, ["id", "status", "subject", "relation", "target", "layer", "answer_before"]))
+    elif cmd in ("revert", "reapply"):
+        record = (service.revert if cmd == "revert" else service.reapply)(args.id)
+        _emit(args, _row(record), f"edit #{record.id} is now {record.status}")
+    elif cmd == "verify":
+        items = service.verify()
+        data: dict[str, Any] = {"edits": [{"id": i.edit_id, "subject": i.subject, "target": i.target,
+                                           "holds": i.holds, "probes": list(i.probes)} for i in items]}  # fmt: skip
+        text = _table(data["edits"], ["id", "subject", "target", "holds"])
+        ok = all(i.holds for i in items)
+        if args.integrity:
+            problems = service.ledger.integrity_check() + service.integrity_problems()
+            data["integrity_problems"] = problems
+            text += "\nintegrity: " + ("ok" if not problems else "; ".join(problems))
+            ok = ok and not problems
+        _emit(args, data, text)
+        return 0 if ok else 1
+    elif cmd == "export":
+        count = export_file(service, args.path, args.ids)
+        print(f"exported {count} edits to {args.path}")
+    elif cmd == "import":
+        report = import_file(service, args.path)
+        data = {"imported": list(report.imported), "skipped": report.skipped, "ignored": report.ignored}
+        _emit(args, data, f"imported {len(report.imported)} edits, skipped {report.skipped} duplicates")
+    return 0
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        service, _ = build_service(settings)
+        return run_command(args, service)
+    except (ValueError, PermissionError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,309 @@
+"""The one place where weights and ledger meet: compute → record → apply → verify → mark applied.
+
+The ledger is the source of truth: start-up rebuilds the model as base weights plus every
+applied edit, in order, from the stored factors. ``mark_applied`` (and its siblings) is each
+operation's commit point, so a crash anywhere leaves the state before or after the operation.
+Weight changes are serialised: an edit mutex orders edit operations, and a readers-writer lock
+lets chats run beside edit computations but never beside a weight change.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from chat_app.locks import RWLock
+from chat_app.probes import TopToken, complete, holds, stream_chat, top_next
+from db import EditRecord, EventRecord, Ledger, LedgerError
+from editing import EditRequest, RankOneEdit, RomeEditor
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, float], None]
+OUTLIER_FACTOR = 20.0  # an update norm this many times the median of applied ones needs an override
+
+
+class ReadOnlyError(PermissionError):
+    """The app runs read-only: edits, reverts and imports are refused."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    prompt: str
+    kind: str  # edited / paraphrase / neighbour
+    expected: str  # the target, or for a neighbour its answer before the edit
+    before: str
+    after: str = ""
+
+    @property
+    def holds(self) -> bool:
+        return holds(self.kind, self.expected, self.after)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "kind": self.kind, "expected": self.expected,
+                "before": self.before, "after": self.after, "holds": self.holds}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    edit_id: int
+    record: EditRecord
+    probes: tuple[Probe, ...]
+    superseded: tuple[int, ...]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VerifyItem:
+    edit_id: int
+    subject: str
+    relation: str
+    target: str
+    probes: tuple[dict[str, Any], ...]
+
+    @property
+    def holds(self) -> bool:
+        return all(p["holds"] for p in self.probes)
+
+
+class EditService:
+    def __init__(self, editor: RomeEditor, ledger: Ledger, *, actor: str = "app", read_only: bool = False) -> None:
+        self.editor, self.ledger = editor, ledger
+        self.actor, self.read_only = actor, read_only
+        self.weights = RWLock()
+        self._edit_mutex = threading.Lock()
+        self._edits: dict[int, RankOneEdit] = {}  # ledger id -> applied edit object
+
+    # ----- reading -----------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        return self.editor.model
+
+    @property
+    def tok(self) -> Any:
+        return self.editor.tok
+
+    @property
+    def active_count(self) -> int:
+        return len(self._edits)
+
+    def history(self, status: str | None = None, text: str | None = None) -> list[EditRecord]:
+        return self.ledger.history(status=status or None, text=text or None)
+
+    def record(self, edit_id: int) -> EditRecord:
+        return self.ledger.get(edit_id)
+
+    def events(self, edit_id: int | None = None) -> list[EventRecord]:
+        return self.ledger.events(edit_id)
+
+    def conflicts(self, request: EditRequest) -> list[EditRecord]:
+        """Applied edits of the same subject and relation, which ``apply`` would supersede."""
+        return self.ledger.find_applied(request.subject, request.relation)
+
+    def preview(self, prompt: str, k: int = 5) -> tuple[str, list[TopToken]]:
+        if not prompt.strip():
+            raise ValueError("type a prompt to preview")
+        with self.weights.read():
+            return complete(self.model, self.tok, prompt), top_next(self.model, self.tok, prompt, k)
+
+    def chat(self, messages: list[dict[str, str]], temperature: float = 0.0, max_new_tokens: int = 128,
+             original: bool = False) -> Iterator[str]:  # fmt: skip
+        """Stream a reply; ``original=True`` answers with the unedited weights (exact, nothing swapped globally)."""
+        if not 0 <= temperature <= 5 or not 1 <= max_new_tokens <= 2048:
+            raise ValueError("temperature must be in [0, 5] and max new tokens in [1, 2048]")
+        with self.weights.read():
+            context = self.editor.original_weights() if original else None
+            yield from stream_chat(self.model, self.tok, messages, temperature, max_new_tokens, context)
+
+    # ----- changing ------------------------------------------------------------------------
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError("this app runs read-only: edits, reverts and imports are disabled")
+
+    def _probe_prompts(self, request: EditRequest, paraphrases: list[str], neighbours: list[str]) -> list[tuple[str, str]]:
+        prompts = [(request.prompt, "edited")]
+        prompts += [(p.strip(), "paraphrase") for p in paraphrases if p.strip()]
+        prompts += [(p.strip(), "neighbour") for p in neighbours if p.strip()]
+        for prompt, _ in prompts:
+            if len(prompt) > 500:
+                raise ValueError("probe prompts are limited to 500 characters")
+        return prompts
+
+    def _guard(self, edit: RankOneEdit, allow_outlier: bool) -> str | None:
+        """Why ``edit`` must be refused, or None."""
+        norms = [e.update_norm for e in self.editor.applied]
+        if len(norms) >= 3 and not allow_outlier:
+            median = statistics.median(norms)
+            if edit.update_norm > OUTLIER_FACTOR * median:
+                return (f"update norm {edit.update_norm:.3g} is over {OUTLIER_FACTOR:g}× the median of applied "
+                        f"edits ({median:.3g}); apply with the override if this is intended")  # fmt: skip
+        if edit.stats.get("target_prob", 1.0) < 0.05:
+            return f"the optimisation did not reach the target (probability {edit.stats['target_prob']:.3f})"
+        return None
+
+    def apply(
+        self, request: EditRequest, *, paraphrases: list[str] = (), neighbours: list[str] = (),  # type: ignore[assignment]
+        note: str | None = None, author: str | None = None, allow_outlier: bool = False,
+        progress: Progress | None = None, **overrides: Any,
+    ) -> ApplyResult:
+        """Compute, record, apply and verify an edit; supersede applied edits of the same subject and relation."""
+        self._writable()
+        prompts = self._probe_prompts(request, list(paraphrases), list(neighbours))
+        actor = author or self.actor
+        with self._edit_mutex:
+            with self.weights.read():
+                self.editor.validate(request, **overrides)
+                before = [(p, k, complete(self.model, self.tok, p)) for p, k in prompts]
+                try:
+                    edit = self.editor.compute(request, progress=progress, **overrides)
+                except FloatingPointError as err:
+                    self._refuse(request, str(err), actor, before[0][2])
+                    raise ValueError(f"edit refused: {err}") from err
+            reason = self._guard(edit, allow_outlier)
+            if reason:
+                meta, factors = edit.to_payload()
+                self.ledger.record_refused(meta, reason, factors, note=note, author=actor, answer_before=before[0][2])
+                raise ValueError(f"edit refused: {reason}")
+            old = self.conflicts(request)
+            meta, factors = edit.to_payload()
+            edit_id = self.ledger.record_pending(meta, factors, note=note, author=actor, answer_before=before[0][2])
+            try:
+                with self.weights.write():
+                    for record in old:
+                        self.editor.revert(self._edits.pop(record.id))
+                    checksum = self.editor.apply(edit)
+                    self._edits[edit_id] = edit
+                    probes = tuple(Probe(p, k, request.target if k != "neighbour" else b, b,
+                                         complete(self.model, self.tok, p)) for p, k, b in before)  # fmt: skip
+                    self.ledger.mark_applied(
+                        edit_id, checksum, answer_after=probes[0].after, probes=[p.to_dict() for p in probes],
+                        actor=actor, supersedes=[r.id for r in old],
+                    )  # fmt: skip
+            except BaseException as err:
+                self._resync(f"apply of edit #{edit_id} failed: {err}", failed_id=edit_id)
+                raise
+            if progress is not None:
+                progress("done", 1.0)
+            return ApplyResult(edit_id, self.ledger.get(edit_id), probes, tuple(r.id for r in old), edit.stats)
+
+    def _refuse(self, request: EditRequest, reason: str, actor: str, answer_before: str) -> None:
+        meta = {"subject": request.subject, "relation": request.relation, "target": request.target,
+                "layer": request.layer if request.layer is not None else self.editor.hparams.layer,
+                "param_name": "", "fingerprint": self.editor.fingerprint, "hparams": self.editor.hparams.to_dict()}  # fmt: skip
+        try:
+            self.ledger.record_refused(meta, reason, None, author=actor, answer_before=answer_before)
+        except (LedgerError, ValueError) as err:
+            log.warning("could not record the refused edit: %s", err)
+
+    def revert(self, edit_id: int, actor: str | None = None) -> EditRecord:
+        """Remove an applied edit, in any order (its parameter is rebuilt from the baseline)."""
+        self._writable()
+        with self._edit_mutex:
+            record = self.ledger.get(edit_id)
+            if record.status != "applied" or edit_id not in self._edits:
+                raise ValueError(f"edit #{edit_id} is {record.status}, not applied; only applied edits can be reverted")
+            try:
+                with self.weights.write():
+                    self.editor.revert(self._edits.pop(edit_id))
+                    self.ledger.mark_reverted(edit_id, actor=actor or self.actor)
+            except BaseException as err:
+                self._resync(f"revert of edit #{edit_id} failed: {err}")
+                raise
+            self._store_state_checksums()
+            return self.ledger.get(edit_id)
+
+    def reapply(self, edit_id: int, actor: str | None = None) -> EditRecord:
+        """Put a reverted or superseded edit back, at the end of the sequence (no recomputation)."""
+        self._writable()
+        with self._edit_mutex:
+            record = self.ledger.get(edit_id)
+            if record.status not in ("reverted", "superseded"):
+                raise ValueError(f"edit #{edit_id} is {record.status}; only reverted or superseded edits can be re-applied")
+            edit = RankOneEdit.from_payload(record.meta, record.factors or b"")
+            try:
+                with self.weights.write():
+                    checksum = self.editor.apply(edit)
+                    self._edits[edit_id] = edit
+                    self.ledger.mark_reapplied(edit_id, state_checksum=checksum, actor=actor or self.actor)
+            except BaseException as err:
+                self._resync(f"re-apply of edit #{edit_id} failed: {err}")
+                raise
+            return self.ledger.get(edit_id)
+
+    def import_edits(self, items: list[tuple[Any, ...]], actor: str | None = None) -> list[int]:
+        """Apply imported edits in order and record them in one transaction (all or nothing).
+
+        Each item: ``(meta, factors, probes, note, author, answer_before, answer_after, edit)``.
+        """
+        self._writable()
+        if not items:
+            return []
+        with self._edit_mutex:
+            try:
+                with self.weights.write():
+                    entries = []
+                    for meta, factors, probes, note, author, before, after, edit in items:
+                        checksum = self.editor.apply(edit)
+                        entries.append({"meta": meta, "factors": factors, "probes": probes, "note": note,
+                                        "author": author, "answer_before": before, "answer_after": after,
+                                        "state_checksum": checksum})  # fmt: skip
+                    ids = self.ledger.record_imported(entries, actor=actor or self.actor)
+                    for edit_id, item in zip(ids, items):
+                        self._edits[edit_id] = item[-1]
+            except BaseException as err:
+                self._resync(f"import failed: {err}")
+                raise
+            return ids
+
+    def verify(self) -> list[VerifyItem]:
+        """Re-run every applied edit's probes on the current model: which still hold."""
+        items = []
+        with self.weights.read():
+            for record in self.ledger.applied():
+                probes = []
+                for probe in record.probes or ({"prompt": record.subject and record.relation.replace("{}", record.subject),
+                                                "kind": "edited", "expected": record.target},):  # fmt: skip
+                    answer = complete(self.model, self.tok, probe["prompt"])
+                    probes.append({**probe, "now": answer, "holds": holds(probe["kind"], probe["expected"], answer)})
+                items.append(VerifyItem(record.id, record.subject, record.relation, record.target, tuple(probes)))
+        return items
+
+    # ----- consistency ----------------------------------------------------------------------
+    def integrity_problems(self) -> list[str]:
+        """Weights against ledger: same applied sequence, and each stored state checksum reproduced."""
+        problems = []
+        with self.weights.read():
+            records = self.ledger.applied()
+            by_object = {id(edit): edit_id for edit_id, edit in self._edits.items()}
+            order = [by_object.get(id(e)) for e in self.editor.applied]
+            if order != [r.id for r in records]:
+                problems.append(f"weights hold edits {order} but the ledger's applied sequence is {[r.id for r in records]}")
+            for record, checksum in zip(records, self.editor.sequence_checksums()):
+                if record.state_checksum not in (None, checksum):
+                    problems.append(f"edit #{record.id}: parameter checksum {checksum[:12]}… differs from the stored one")
+        return problems
+
+    def _resync(self, why: str, failed_id: int | None = None) -> None:
+        """After a failure: make the weights equal the ledger again (the ledger is the truth)."""
+        log.error("%s; rebuilding the weights from the ledger", why)
+        if failed_id is not None:
+            try:
+                if self.ledger.get(failed_id).status == "pending":
+                    self.ledger.mark_failed(failed_id, why[:500], actor=self.actor)
+            except (LedgerError, ValueError) as err:
+                log.error("could not mark edit #%d failed: %s", failed_id, err)
+        with self.weights.write():
+            self.editor.reset()
+            self._edits.clear()
+            for record in self.ledger.applied():
+                edit = RankOneEdit.from_payload(record.meta, record.factors or b"")
+                self.editor.apply(edit)
+                self._edits[record.id] = edit
+
+    def _store_state_checksums(self) -> None:
+        """After a rebuild, the checksum of each applied edit's parameter at its (new) position."""
+        by_object = {id(edit): edit_id for edit_id, edit in self._edits.items()}
+        sums = self.editor.sequence_checksums()
+        self.ledger.set_state_checksums({by_object[id(e)]: c for e, c in zip(self.editor.applied, sums)})

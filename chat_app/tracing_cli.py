@@ -1,0 +1,25 @@
+"""``python app.py trace``: a causal trace of one fact, saved as a PNG."""
+from __future__ import annotations
+
+import logging
+
+from chat_app.runtime import Settings
+from editing import load_model
+
+log = logging.getLogger(__name__)
+
+
+def trace_to_png(settings: Settings, prompt: str, subject: str, out: str) -> int:
+    from editing.trace_plot import plot_trace
+    from editing.tracing import suggest_layer, trace
+
+    model, tok = load_model(settings.model, device=settings.device)
+    try:
+        result = trace(model, tok, prompt, subject)
+    except ValueError as err:
+        print(f"error: {err}")
+        return 2
+    name = settings.model or "SmolLM2-135M-Instruct"
+    plot_trace(result, model_name=name).savefig(out, dpi=120, bbox_inches="tight")
+    print(f"answer {result.answer!r} (p={result.clean_prob:.3f}); suggested layer {suggest_layer(result)}; saved {out}")
+    return 0

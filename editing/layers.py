@@ -1,0 +1,47 @@
+"""Run a model from a given block onwards, for families whose blocks can be called directly.
+
+The value optimisation changes nothing below the edited layer, so the blocks below it
+are run once and every optimisation step starts at the edited layer.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import Cache, PreTrainedModel
+from transformers.masking_utils import create_causal_mask
+
+from editing.arch import arch_of, get_module
+
+
+def can_start_midway(model: PreTrainedModel) -> bool:
+    return arch_of(model).direct_layers
+
+
+def run_from(
+    model: PreTrainedModel,
+    layer: int,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: Cache,
+) -> torch.Tensor:
+    """Final-normed hidden states after blocks ``layer…`` applied to ``hidden`` (B, S, d), the input of block ``layer``."""
+    spec = arch_of(model)
+    base = model.base_model
+    mask = create_causal_mask(
+        config=base.config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        position_ids=position_ids,
+    )
+    position_embeddings = base.rotary_emb(hidden, position_ids=position_ids)
+    for block in get_module(model, spec.layers)[layer:]:
+        hidden = block(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return get_module(model, spec.final_norm)(hidden)
