@@ -104,7 +104,12 @@ def _on_begin(conn: Any) -> None:
 def create_ledger_engine(url: URL) -> Engine:
     """An engine for ``url``; for a SQLite file, the file is created private before first use."""
     if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except (ImportError, ArgumentError) as err:
+            raise LedgerError(
+                f"cannot use database {describe(url)}: {err}. Install its driver, or give a file path for SQLite."
+            ) from err
     path = sqlite_file(url)
     if path is not None:
         create_private_file(path)

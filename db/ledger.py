@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import URL, delete, func, make_url, select, update
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import READ_ONLY, create_ledger_engine, describe, to_url
@@ -37,11 +37,9 @@ def _short(fingerprint: str) -> str:
 class Ledger(LedgerReads):
     """An edit ledger in any SQLAlchemy database. Every public method is one transaction."""
 
-    def __init__(self, url: str | URL) -> None:
-        try:
-            self.url = make_url(url)
-        except ArgumentError as err:
-            raise LedgerError(f"{url!r} is not a valid database URL: {err}") from err
+    def __init__(self, url: str | URL | Path) -> None:
+        """Open the ledger at ``url`` (a SQLAlchemy URL, or a file path meaning SQLite), creating it if new."""
+        self.url = url if isinstance(url, URL) else make_url(to_url(url))
         self.where = describe(self.url)
         self._engine = create_ledger_engine(self.url)
         try:
@@ -59,7 +57,7 @@ class Ledger(LedgerReads):
     @classmethod
     def open(cls, path_or_url: str | Path, fingerprint: str | None = None) -> Ledger:
         """Open (creating if needed) the ledger at a path or URL, bound to ``fingerprint`` if given."""
-        ledger = cls(to_url(path_or_url))
+        ledger = cls(path_or_url)
         if fingerprint is not None:
             try:
                 ledger.bind_model(fingerprint)
@@ -103,7 +101,10 @@ class Ledger(LedgerReads):
         self, meta: dict[str, Any], factors: bytes, probes: list[dict[str, Any]] | None = None,
         note: str | None = None, author: str | None = None, answer_before: str | None = None,
     ) -> int:
-        """Store a computed edit as 'pending', before it touches the weights; return its id."""
+        """Store a computed edit as 'pending', before it touches the weights; return its id.
+
+        The edit must be for the ledger's model; the first edit binds an unbound ledger.
+        """
         if factors is None:
             raise LedgerError("a pending edit needs its factors")
         clean = validate_meta(meta, factors)
@@ -143,7 +144,8 @@ class Ledger(LedgerReads):
         """Pending -> applied, appended to the applied sequence; return its position.
 
         ``checksum_after`` is the parameter's checksum observed after applying (stored as
-        ``state_checksum``). ``position``, when given, must be the next free one: a guard
+        ``state_checksum``); verifying it is the service's job, a value differing from the
+        computed one is only logged and noted in the event. ``position``, when given, must be the next free one: a guard
         against two writers. ``repaired=True`` logs a 'repaired' event (start-up recovery).
         """
         check_hex64(checksum_after, "checksum_after")
@@ -164,7 +166,8 @@ class Ledger(LedgerReads):
             detail = f"position {end}"
             if checksum_after != row.checksum_after:
                 logger.warning("edit #%d: parameter checksum after applying differs from the computed one", edit_id)
-                detail += f"; checksum {_short(checksum_after)} differs from computed {_short(row.checksum_after or '')}"
+                computed = _short(row.checksum_after or "")
+                detail += f"; checksum {_short(checksum_after)} differs from computed {computed}"
             s.add(Event(edit_id=edit_id, kind="repaired" if repaired else "applied", actor=actor, detail=detail))
             return end
 
@@ -248,15 +251,20 @@ class Ledger(LedgerReads):
     # -- helpers ---------------------------------------------------------------------------
 
     @staticmethod
-    def _next_position(s: Session) -> int:
-        # Postgres & co.: lock a known row so two writers cannot take the same position
+    def _lock_sequence(s: Session) -> None:
+        # Postgres & co.: lock a known row so two writers cannot reorder the sequence at once
         # (SQLite already holds the write lock from BEGIN IMMEDIATE).
         s.execute(select(MetaEntry).where(MetaEntry.key == "schema_version").with_for_update())
+
+    @classmethod
+    def _next_position(cls, s: Session) -> int:
+        cls._lock_sequence(s)
         top = s.scalar(select(func.max(Edit.position)).where(Edit.status == "applied"))
         return 0 if top is None else top + 1
 
-    @staticmethod
-    def _leave_sequence(s: Session, row: Edit) -> None:
+    @classmethod
+    def _leave_sequence(cls, s: Session, row: Edit) -> None:
+        cls._lock_sequence(s)
         removed, row.position, row.state_checksum = row.position, None, None
         s.flush()
         if removed is not None:

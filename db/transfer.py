@@ -202,7 +202,9 @@ def _check_manifest(manifest: object) -> tuple[int, str | None, datetime, list[A
         raise LedgerError(f"the export's version must be an integer, got {version!r:.80}")
     if version != FORMAT_VERSION:
         hint = "upgrade this program to read it" if version > FORMAT_VERSION else "it is not supported"
-        raise LedgerError(f"the export has format version {version}; this program reads version {FORMAT_VERSION}: {hint}")
+        raise LedgerError(
+            f"the export has format version {version}; this program reads version {FORMAT_VERSION}: {hint}"
+        )
     fingerprint = manifest.get("model_fingerprint")
     if fingerprint is not None:
         check_hex64(fingerprint, "the export's model_fingerprint")
@@ -261,7 +263,8 @@ def _parse_edit(entry: object, zf: zipfile.ZipFile, fingerprint: str | None, use
         raise LedgerError(f"the factors in {name} do not match their sha256: the file is damaged or was altered")
     meta = validate_meta(entry["meta"], factors)
     if fingerprint is not None and meta["fingerprint"] != fingerprint:
-        raise LedgerError(f"was made for model {meta['fingerprint'][:12]}…, but the export is for {fingerprint[:12]}…")
+        made_for = meta["fingerprint"][:12]
+        raise LedgerError(f"was made for model {made_for}…, but the export is for {fingerprint[:12]}…")
     return ExportedEdit(
         source_id=source_id, status=entry["status"], position=position,
         created_at=_parse_time(entry["created_at"], "created_at"), meta=meta,
