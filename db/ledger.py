@@ -14,18 +14,19 @@ superseding removes an edit from it (later ones move up), re-applying appends at
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import URL, delete, func, make_url, select, update
+from sqlalchemy import URL, delete, func, make_url, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import READ_ONLY, create_ledger_engine, describe, to_url
 from db.queries import LedgerReads, load_edit
-from db.records import check_hex64, dumps, sha256_hex, validate_meta, validate_probes
+from db.records import check_hex64, dumps, validate_meta, validate_probes
 from db.schema import EVENT_KINDS, Edit, Event, LedgerError, MetaEntry, prepare_schema
+from db.sequence import leave_sequence, new_row, next_position, supersede_row
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class Ledger(LedgerReads):
         clean = validate_meta(meta, factors)
         with self._write.begin() as s:
             self._check_model(s, clean["fingerprint"])
-            row = self._new_row(clean, bytes(factors), "pending", validate_probes(probes), note, author)
+            row = new_row(clean, bytes(factors), "pending", validate_probes(probes), note, author)
             row.answer_before = answer_before
             s.add(row)
             s.flush()
@@ -123,13 +124,15 @@ class Ledger(LedgerReads):
     ) -> int:
         """Store an edit that was refused (never applied), with the reason; return its id.
 
-        The model binding is not enforced: an edit may be refused for being made for another model.
+        Without factors (refused before it was computed) the meta needs only the request,
+        ``layer``, ``param_name`` (may be empty), ``fingerprint`` and ``hparams``. The model
+        binding is not enforced: an edit may be refused for being made for another model.
         """
         _require_text(reason, "reason")
         clean = validate_meta(meta, factors)
         with self._write.begin() as s:
             factors_b = None if factors is None else bytes(factors)
-            row = self._new_row(clean, factors_b, "refused", validate_probes(probes), note, author)
+            row = new_row(clean, factors_b, "refused", validate_probes(probes), note, author)
             row.answer_before, row.refusal_reason = answer_before, reason
             s.add(row)
             s.flush()
@@ -139,20 +142,25 @@ class Ledger(LedgerReads):
     def mark_applied(
         self, edit_id: int, checksum_after: str, answer_after: str | None = None,
         probes: list[dict[str, Any]] | None = None, position: int | None = None,
-        actor: str | None = None, repaired: bool = False,
+        actor: str | None = None, repaired: bool = False, supersedes: Sequence[int] = (),
     ) -> int:
         """Pending -> applied, appended to the applied sequence; return its position.
 
         ``checksum_after`` is the parameter's checksum observed after applying (stored as
-        ``state_checksum``); verifying it is the service's job, a value differing from the
-        computed one is only logged and noted in the event. ``position``, when given, must be the next free one: a guard
-        against two writers. ``repaired=True`` logs a 'repaired' event (start-up recovery).
+        ``state_checksum``); verifying it is the service's job: a value differing from the
+        computed one is logged and noted in the event. ``supersedes`` lists applied edits this
+        one replaces (the service has removed them from the weights): in the same transaction
+        they become 'superseded' and leave the sequence. ``position``, when given, must be
+        the next free one, a guard against a second writer. ``repaired=True`` logs a
+        'repaired' event instead of 'applied' (start-up recovery).
         """
         check_hex64(checksum_after, "checksum_after")
         clean_probes = None if probes is None else validate_probes(probes)
         with self._write.begin() as s:
             row = load_edit(s, edit_id, "pending")
-            end = self._next_position(s)
+            for old_id in dict.fromkeys(supersedes):
+                supersede_row(s, load_edit(s, old_id, "applied"), edit_id, actor)
+            end = next_position(s)
             if position is not None and position != end:
                 raise LedgerError(
                     f"edit #{edit_id} cannot take position {position}: {end} edits are applied, "
@@ -170,6 +178,24 @@ class Ledger(LedgerReads):
                 detail += f"; checksum {_short(checksum_after)} differs from computed {computed}"
             s.add(Event(edit_id=edit_id, kind="repaired" if repaired else "applied", actor=actor, detail=detail))
             return end
+
+    def record_imported(self, entries: Sequence[Mapping[str, Any]], actor: str | None = None) -> list[int]:
+        """Record edits already applied to the weights, in order, as one transaction; return their ids.
+
+        Each entry: ``meta`` and ``factors`` (required), ``probes``, ``note``, ``author``,
+        ``answer_before``, ``answer_after``, ``state_checksum`` (optional). All or none are
+        recorded; each gets an 'imported' event. Duplicates are the caller's to skip
+        (``is_duplicate``).
+        """
+        rows = [_imported_row(i, entry) for i, entry in enumerate(entries)]
+        with self._write.begin() as s:
+            for row in rows:
+                self._check_model(s, row.fingerprint)
+                row.position = next_position(s)
+                s.add(row)
+                s.flush()
+                s.add(Event(edit_id=row.id, kind="imported", actor=actor, detail=f"position {row.position}"))
+            return [row.id for row in rows]
 
     def mark_failed(self, edit_id: int, reason: str, actor: str | None = None, repaired: bool = False) -> None:
         """Pending -> failed (it never took effect, or was rolled back), with the reason."""
@@ -196,7 +222,7 @@ class Ledger(LedgerReads):
         """
         with self._write.begin() as s:
             row = load_edit(s, edit_id, "applied")
-            self._leave_sequence(s, row)
+            leave_sequence(s, row)
             row.status = "reverted"
             s.add(Event(edit_id=edit_id, kind="reverted", actor=actor, detail=detail))
 
@@ -208,7 +234,7 @@ class Ledger(LedgerReads):
             check_hex64(state_checksum, "state_checksum")
         with self._write.begin() as s:
             row = load_edit(s, edit_id, "reverted", "superseded")
-            end = self._next_position(s)
+            end = next_position(s)
             row.status, row.position, row.state_checksum, row.superseded_by = "applied", end, state_checksum, None
             s.add(Event(edit_id=edit_id, kind="reapplied", actor=actor, detail=detail or f"position {end}"))
             return end
@@ -224,9 +250,7 @@ class Ledger(LedgerReads):
         with self._write.begin() as s:
             old = load_edit(s, old_id, "applied")
             load_edit(s, new_id, "pending", "applied")
-            self._leave_sequence(s, old)
-            old.status, old.superseded_by = "superseded", new_id
-            s.add(Event(edit_id=old_id, kind="superseded", actor=actor, detail=f"by edit #{new_id}"))
+            supersede_row(s, old, new_id, actor)
 
     def set_state_checksums(self, checksums: Mapping[int, str]) -> None:
         """Store the checksum of the parameter after each applied edit (after a rebuild)."""
@@ -248,47 +272,23 @@ class Ledger(LedgerReads):
             s.flush()
             return event.id
 
-    # -- helpers ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _lock_sequence(s: Session) -> None:
-        # Postgres & co.: lock a known row so two writers cannot reorder the sequence at once
-        # (SQLite already holds the write lock from BEGIN IMMEDIATE).
-        s.execute(select(MetaEntry).where(MetaEntry.key == "schema_version").with_for_update())
-
-    @classmethod
-    def _next_position(cls, s: Session) -> int:
-        cls._lock_sequence(s)
-        top = s.scalar(select(func.max(Edit.position)).where(Edit.status == "applied"))
-        return 0 if top is None else top + 1
-
-    @classmethod
-    def _leave_sequence(cls, s: Session, row: Edit) -> None:
-        cls._lock_sequence(s)
-        removed, row.position, row.state_checksum = row.position, None, None
-        s.flush()
-        if removed is not None:
-            s.execute(
-                update(Edit).where(Edit.position > removed)
-                .values(position=Edit.position - 1, state_checksum=None)
-                .execution_options(synchronize_session="fetch")
-            )
-
-    @staticmethod
-    def _new_row(
-        meta: dict[str, Any], factors: bytes | None, status: str, probes: list[dict[str, Any]],
-        note: str | None, author: str | None,
-    ) -> Edit:
-        return Edit(
-            status=status, subject=meta["subject"], relation=meta["relation"], target=meta["target"],
-            layer=meta["layer"], param_name=meta["param_name"], factors=factors,
-            factors_sha256=None if factors is None else sha256_hex(factors),
-            meta_json=dumps(meta), hparams_json=dumps(meta["hparams"]), fingerprint=meta["fingerprint"],
-            checksum_before=meta.get("checksum_before"), checksum_after=meta.get("checksum_after"),
-            probes_json=dumps(probes), note=note, author=author,
-        )
-
 
 def _require_text(value: object, field: str) -> None:
     if not isinstance(value, str) or not value.strip():
         raise LedgerError(f"{field} must be non-empty text explaining why")
+
+
+def _imported_row(i: int, entry: Mapping[str, Any]) -> Edit:
+    """A validated 'applied' row (position still unset) from one ``record_imported`` entry."""
+    if not isinstance(entry, Mapping) or "meta" not in entry or entry.get("factors") is None:
+        raise LedgerError(f"imported edit {i} needs 'meta' and 'factors'")
+    try:
+        clean = validate_meta(entry["meta"], entry["factors"])
+        state = entry.get("state_checksum")
+        row = new_row(clean, bytes(entry["factors"]), "applied", validate_probes(entry.get("probes")),
+                      entry.get("note"), entry.get("author"))
+        row.state_checksum = None if state is None else check_hex64(state, "state_checksum")
+    except LedgerError as err:
+        raise LedgerError(f"imported edit {i}: {err}") from err
+    row.answer_before, row.answer_after = entry.get("answer_before"), entry.get("answer_after")
+    return row

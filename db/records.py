@@ -127,7 +127,9 @@ def validate_meta(meta: object, factors: bytes | None) -> dict[str, Any]:
     if missing:
         raise LedgerError(f"edit meta lacks {', '.join(missing)}; the edit engine must supply them")
     for key in _TEXT_KEYS:
-        if not isinstance(meta[key], str) or not meta[key].strip():
+        # An edit refused before it was computed may not know its parameter yet.
+        may_be_empty = key == "param_name" and factors is None
+        if not isinstance(meta[key], str) or not (meta[key].strip() or may_be_empty):
             raise LedgerError(f"meta[{key!r}] must be non-empty text, got {meta[key]!r:.80}")
     if meta["relation"].count("{}") != 1:
         raise LedgerError(f"meta['relation'] must hold exactly one '{{}}' for the subject: {meta['relation']!r:.80}")

@@ -171,6 +171,7 @@ def test_supersede_links_and_leaves_the_sequence(ledger: Ledger) -> None:
 
 def test_refused_edit_without_factors(ledger: Ledger) -> None:
     meta = {k: v for k, v in make_payload()[0].items() if k not in ("checksum_after", "stats")}
+    meta["param_name"] = ""  # refused before the parameter was chosen
     edit_id = ledger.record_refused(meta, "the edit would not hold on paraphrases", author="ana")
     rec = ledger.get(edit_id)
     assert (rec.status, rec.factors, rec.refusal_reason) == ("refused", None, "the edit would not hold on paraphrases")
@@ -212,3 +213,31 @@ def test_bad_meta_is_refused(ledger: Ledger, change: dict[str, Any], message: st
     with pytest.raises(LedgerError, match="kind"):
         ledger.record_pending(make_payload()[0], factors, probes=[{"prompt": "x", "kind": "other"}])
     assert ledger.history() == []
+
+
+def test_mark_applied_supersedes_in_one_transaction(ledger: Ledger) -> None:
+    old, keep = apply_new(ledger, 0, subject="Eiffel Tower"), apply_new(ledger, 1)
+    meta, factors = make_payload("Eiffel Tower", "Berlin", 2)
+    new = ledger.record_pending(meta, factors)
+    with pytest.raises(LedgerError, match=f"edit #{new} is pending"):
+        ledger.mark_applied(new, meta["checksum_after"], supersedes=[old, new])
+    assert ledger.get(old).status == "applied" and ledger.get(new).status == "pending"  # rolled back whole
+    assert ledger.mark_applied(new, meta["checksum_after"], supersedes=[old], actor="ana") == 1
+    assert [(r.id, r.position) for r in ledger.applied()] == [(keep, 0), (new, 1)]
+    assert (ledger.get(old).status, ledger.get(old).superseded_by) == ("superseded", new)
+    assert ledger.integrity_check() == []
+
+
+def test_record_imported_is_all_or_nothing(ledger: Ledger) -> None:
+    first = apply_new(ledger, 0)
+    entries = [{"meta": m, "factors": f, "note": "from alice", "state_checksum": hexsum(f"s{i}")}
+               for i, (m, f) in enumerate(make_payload(f"S{i}", f"T{i}", i + 10) for i in range(2))]
+    bad = {**entries[1], "factors": entries[1]["factors"][:-4]}
+    with pytest.raises(LedgerError, match="imported edit 1: factors hold 36 bytes"):
+        ledger.record_imported([entries[0], bad])
+    assert [r.id for r in ledger.history()] == [first]
+    ids = ledger.record_imported(entries, actor="cli")
+    assert [(r.id, r.position) for r in ledger.applied()] == [(first, 0), (ids[0], 1), (ids[1], 2)]
+    assert ledger.get(ids[1]).state_checksum == hexsum("s1") and ledger.get(ids[0]).note == "from alice"
+    assert [(e.kind, e.actor) for e in ledger.events(ids[0])] == [("imported", "cli")]
+    assert ledger.is_duplicate(entries[0]["meta"], hashlib.sha256(entries[0]["factors"]).hexdigest())
