@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from db import Ledger, LedgerError, export_edits, read_export
 from tests.test_db_ledger import FP, OTHER_FP, PROBES, apply_new, make_payload
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture
