@@ -49,6 +49,7 @@ class RankOneEdit:
             "format": FORMAT,
             **self.request.to_dict(),
             "layer": self.layer,
+            "request_layer": self.request.layer,
             "param_name": self.param_name,
             "hparams": self.hparams,
             "fingerprint": self.fingerprint,
@@ -78,7 +79,7 @@ class RankOneEdit:
             flat = torch.from_numpy(np.frombuffer(factors, dtype="<f4").astype(np.float32))
             if not torch.isfinite(flat).all():
                 raise ValueError("factors contain non-finite values")
-            request = EditRequest(meta["subject"], meta["relation"], meta["target"], meta.get("layer"))
+            request = EditRequest(meta["subject"], meta["relation"], meta["target"], meta.get("request_layer"))
             return cls(
                 request=request,
                 layer=int(meta["layer"]),
