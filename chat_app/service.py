@@ -23,6 +23,7 @@ from editing import EditRequest, RankOneEdit, RomeEditor
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
 OUTLIER_FACTOR = 20.0  # an update norm this many times the median of applied ones needs an override
+MIN_TARGET_PROB = 0.05  # below this after optimisation the edit did not take: refused
 
 
 class ReadOnlyError(PermissionError):
@@ -75,6 +76,7 @@ class EditService:
         self.weights = RWLock()
         self._edit_mutex = threading.Lock()
         self._edits: dict[int, RankOneEdit] = {}  # ledger id -> applied edit object
+        self.min_target_prob = MIN_TARGET_PROB
 
     # ----- reading -----------------------------------------------------------------------
     @property
@@ -139,7 +141,7 @@ class EditService:
             if edit.update_norm > OUTLIER_FACTOR * median:
                 return (f"update norm {edit.update_norm:.3g} is over {OUTLIER_FACTOR:g}× the median of applied "
                         f"edits ({median:.3g}); apply with the override if this is intended")  # fmt: skip
-        if edit.stats.get("target_prob", 1.0) < 0.05:
+        if edit.stats.get("target_prob", 1.0) < self.min_target_prob:
             return f"the optimisation did not reach the target (probability {edit.stats['target_prob']:.3f})"
         return None
 
@@ -295,12 +297,10 @@ class EditService:
             except (LedgerError, ValueError) as err:
                 log.error("could not mark edit #%d failed: %s", failed_id, err)
         with self.weights.write():
-            self.editor.reset()
-            self._edits.clear()
-            for record in self.ledger.applied():
-                edit = RankOneEdit.from_payload(record.meta, record.factors or b"")
-                self.editor.apply(edit)
-                self._edits[record.id] = edit
+            records = self.ledger.applied()
+            edits = [RankOneEdit.from_payload(r.meta, r.factors or b"") for r in records]
+            self.editor.rebuild(edits)
+            self._edits = {r.id: e for r, e in zip(records, edits)}
 
     def _store_state_checksums(self) -> None:
         """After a rebuild, the checksum of each applied edit's parameter at its (new) position."""

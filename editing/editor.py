@@ -191,6 +191,17 @@ class RomeEditor:
         return tensor_checksum(param)
 
     @torch.no_grad()
+    def rebuild(self, edits: list[RankOneEdit]) -> None:
+        """Make the weights exactly baseline + ``edits`` in this order (e.g. to match a ledger)."""
+        for edit in edits:
+            self._check(edit)
+            param = self.model.get_parameter(edit.param_name)
+            self._baseline.setdefault(edit.param_name, param.detach().clone())
+        self._applied = list(edits)
+        for name in self._baseline:
+            self._rebuild(name)
+
+    @torch.no_grad()
     def reset(self) -> None:
         """Back to the unedited weights."""
         for name, base in self._baseline.items():

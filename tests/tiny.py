@@ -64,7 +64,7 @@ def tiny_editor(model, tok, layer: int = 1, **hp):  # type: ignore[no-untyped-de
     from editing import RomeEditor, RomeHyperParams
     from editing.stats import compute_second_moment
 
-    params = {"steps": 10, "lr": 0.5, "early_stop_loss": 0.01, "stats_samples": 10, "value_templates": 3, **hp}
+    params = {"steps": 6, "lr": 0.5, "early_stop_loss": 0.01, "stats_samples": 10, "value_templates": 3, **hp}
     editor = RomeEditor(model, tok, RomeHyperParams(layer=layer, **params))
     editor._templates = ["{}", "Some text here. {}", "Because it is. {}"]
     for lay in range(editor.n_layers):
