@@ -1,0 +1,164 @@
+"""The web app: chat with the model, correct a fact, browse and undo edits, locate where a fact lives.
+
+``build_ui(service)`` builds the layout (``chat_app.ui_layout``), then wires the events; nothing
+is loaded at import. ``launch(service, …)`` serves it with a queue, so several browser sessions
+chat at once while an edit is computed (the service serialises weight changes; a chat waits
+only while the weights are swapped).
+
+API endpoints (``gradio_client``): ``/chat``, ``/preview``, ``/conflicts``, ``/apply_edit``,
+``/history``, ``/detail``, ``/revert``, ``/reapply``, ``/verify``, ``/export``, ``/import_edits``, ``/locate``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+
+from chat_app import ui_chat, ui_layout, ui_locate
+from chat_app.service import EditService
+from chat_app.ui_handlers import Handlers
+
+log = logging.getLogger(__name__)
+
+TITLE = "rome-chat"
+INTRO = ("Chat with a small language model and correct the facts it gets wrong. Each correction is a rank-one "
+         "edit of one MLP layer (ROME), recorded in a ledger, and can be reverted at any time.")  # fmt: skip
+CONCURRENCY = 4  # events of one listener running at once: chats stream side by side
+REFRESH_S = 10.0  # how often a page checks whether another session changed the edits
+CSS = """
+#banner { padding: 6px 12px; border-radius: 8px; background: var(--color-accent-soft); }
+#banner p { margin: 0; }
+.gradio-container { max-width: 1240px !important; margin: auto; }
+"""
+WEIGHTS = {"concurrency_id": "weights", "concurrency_limit": 1}  # edits queue behind each other, not behind chats
+
+
+def theme() -> gr.themes.Base:
+    system_fonts = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica Neue", "Arial", "sans-serif"]
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", font=system_fonts,
+                          font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])  # fmt: skip  (works offline)
+
+
+def build_ui(service: EditService) -> gr.Blocks:
+    """The whole app for ``service`` (shared by every session); launch with ``launch`` or ``.queue().launch()``."""
+    handlers = Handlers(service)
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        banner = gr.Markdown(elem_id="banner")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Chat", id="chat"):
+                chat = ui_layout.chat_tab()
+            with gr.Tab("Correct a fact", id="form"):
+                form = ui_layout.form_tab(service)
+            with gr.Tab("History", id="history") as history_tab:
+                history = ui_layout.history_tab(service)
+            with gr.Tab("Locate", id="locate"):
+                locate = ui_layout.locate_tab()
+        seen = gr.State(None)  # the ledger signature this page last showed
+        timer = gr.Timer(REFRESH_S)
+
+        views = [banner, history.table]
+        filters = [history.text, history.status]
+        _wire_chat(service, chat)
+        _wire_form(handlers, form, filters, views)
+        _wire_history(handlers, history, filters, views, history_tab)
+        _wire_locate(service, locate, form, tabs)
+
+        def poll(last: Any, text: str, status: str) -> tuple[Any, ...]:
+            now = handlers.signature()
+            if now == last:
+                return gr.skip(), gr.skip(), gr.skip()
+            return (*handlers.refresh(text, status), now)
+
+        demo.load(poll, [seen, *filters], [*views, seen], api_visibility="private")
+        timer.tick(poll, [seen, *filters], [*views, seen], show_progress="hidden", api_visibility="private")
+    return demo
+
+
+def _wire_chat(service: EditService, c: SimpleNamespace) -> None:
+    def respond(conv: list, orig: list, system: str, temperature: float, max_new: int,
+                compare: bool) -> Iterator[tuple[list, list, list, list]]:  # fmt: skip
+        for conv_now, orig_now in ui_chat.respond(service, conv, orig, system, temperature, max_new, compare):
+            yield conv_now, orig_now, conv_now, orig_now
+
+    def chat(message: str, system: str = "", temperature: float = 0.0, max_new_tokens: int = 128,
+             original: bool = False) -> str:  # fmt: skip
+        """One-turn chat: the model's whole reply (original=True: the unedited model's)."""
+        return ui_chat.chat_once(service, message, system, temperature, max_new_tokens, original)
+
+    def submit(message: str, conv: list, orig: list) -> tuple[str, list, list, list, list]:
+        cleared, conv, orig = ui_chat.add_user(message, conv, orig)
+        return cleared, conv, orig, conv, orig
+
+    private = {"api_visibility": "private"}
+    streaming = gr.on([c.message.submit, c.send.click], submit, [c.message, c.conv, c.orig],
+                      [c.message, c.conv, c.orig, c.chatbot, c.original], queue=False, **private).success(
+        respond, [c.conv, c.orig, c.system, c.temperature, c.max_new, c.compare],
+        [c.chatbot, c.original, c.conv, c.orig], **private,
+    )  # fmt: skip
+    c.compare.change(lambda on: gr.Chatbot(visible=on), c.compare, c.original, queue=False, **private)
+    c.clear.click(lambda: ([], [], [], []), None, [c.chatbot, c.original, c.conv, c.orig], queue=False,
+                  cancels=[streaming], **private)  # fmt: skip
+    gr.api(chat, api_name="chat")
+
+
+def _wire_form(h: Handlers, f: SimpleNamespace, filters: list, views: list) -> None:
+    fact = [f.subject, f.relation, f.target]
+    gr.on([f.subject.blur, f.relation.change, f.target.blur], h.conflicts, fact, f.conflict, queue=False,
+          api_name="conflicts")  # fmt: skip
+    gr.on([f.preview.click, f.subject.submit, f.target.submit], h.preview, fact, [f.completion, f.top, f.conflict],
+          api_name="preview")  # fmt: skip
+    f.apply.click(
+        h.apply, [*fact, f.paraphrases, f.neighbours, f.layer, f.steps, f.lr, f.kl, f.note], [f.result, f.probes],
+        api_name="apply_edit", **WEIGHTS,
+    ).then(h.refresh, filters, views, api_visibility="private").then(  # refresh even after a refusal
+        lambda: "", None, f.conflict, api_visibility="private"  # the result now says what was superseded
+    )  # fmt: skip
+
+
+def _wire_history(h: Handlers, v: SimpleNamespace, filters: list, views: list, tab: gr.Tab) -> None:
+    gr.on([v.refresh.click, v.text.submit, v.status.change], h.history, filters, v.table, api_name="history")
+    tab.select(h.refresh, filters, views, api_visibility="private")
+    v.table.select(h.select, None, [v.selected, v.detail], api_visibility="private")
+    v.selected.submit(h.detail, v.selected, v.detail, api_name="detail")
+    for button, fn, name in ((v.revert, h.revert, "revert"), (v.reapply, h.reapply, "reapply")):
+        button.click(fn, v.selected, [v.action, v.detail], api_name=name, **WEIGHTS).success(
+            h.refresh, filters, views, api_visibility="private"
+        )  # fmt: skip
+    v.verify.click(h.verify, None, [v.verify_text, v.verify_table], api_name="verify")
+    if hasattr(v, "export"):
+        v.export.click(h.export, None, [v.export_out, v.transfer], api_name="export")
+        v.import_.click(h.import_, v.import_in, v.transfer, api_name="import_edits", **WEIGHTS).success(
+            h.refresh, filters, views, api_visibility="private"
+        )  # fmt: skip
+
+
+def _wire_locate(service: EditService, loc: SimpleNamespace, form: SimpleNamespace, tabs: gr.Tabs) -> None:
+    if not loc.enabled:
+        return
+
+    def trace(prompt: str, subject: str, expected: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+        return ui_locate.locate(service, prompt, subject, expected, progress)
+
+    loc.trace.click(trace, [loc.prompt, loc.subject, loc.expected], [loc.plot, loc.summary, loc.found],
+                    api_name="locate", concurrency_id="trace", concurrency_limit=1)  # fmt: skip
+    loc.carry.click(ui_locate.carry, loc.found, [form.subject, form.relation, form.layer, form.advanced, tabs],
+                    api_visibility="private")  # fmt: skip
+
+
+def launch(
+    service: EditService, host: str = "127.0.0.1", port: int = 7860,
+    auth: list[tuple[str, str]] | None = None, share: bool = False,
+) -> None:  # fmt: skip
+    """Serve the app until interrupted. ``auth``: (user, password) pairs protecting every page and API call."""
+    demo = build_ui(service)
+    demo.queue(default_concurrency_limit=CONCURRENCY)
+    log.info("serving on http://%s:%d%s", host, port, " (password protected)" if auth else "")
+    demo.launch(
+        server_name=host, server_port=port, auth=auth, share=share, theme=theme(), css=CSS,
+        auth_message="rome-chat: sign in to chat and edit" if auth else None, max_file_size="256mb",
+        footer_links=["api", "settings"], run_history=False,  # conversations stay out of browser storage
+    )  # fmt: skip

@@ -1,0 +1,251 @@
+"""Event handlers of the form and History tabs: plain functions of the service, testable without a browser.
+
+Handlers call only the public service API. A user's mistake (``ValueError``, a read-only
+refusal) becomes ``gr.Error`` with the service's message, raised before anything changes.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from chat_app import ui_render as render
+from chat_app.service import EditService
+from editing import EditRequest
+
+try:  # written alongside the UI; the History tab hides Export/Import until it exists
+    from chat_app.transfer import export_file, import_file
+except ImportError:  # pragma: no cover - depends on the checkout
+    export_file = import_file = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+COMMON_RELATIONS = [
+    "{} is located in the city of",
+    "The capital of {} is",
+    "{} was born in",
+    "{} works for",
+    "The native language of {} is",
+    "{} plays the sport of",
+    "{} is a citizen of",
+    "{} was developed by",
+]
+STATUS_CHOICES = ["all", "applied", "reverted", "superseded", "refused", "failed", "pending"]
+MAX_PROBES = 20  # paraphrase or neighbour lines per edit
+# Share of the progress bar per stage of ``service.apply``: (start, end, what the user reads).
+STAGES: dict[str, tuple[float, float, str]] = {
+    "statistics": (0.02, 0.60, "Computing key statistics for this layer (once; cached afterwards)"),
+    "key": (0.60, 0.65, "Locating the subject's key"),
+    "value": (0.65, 0.95, "Optimising the new value"),
+    "update": (0.95, 0.99, "Writing the rank-one update and checking it"),
+    "done": (1.0, 1.0, "Done"),
+}
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Show the service's refusals as a readable error in the browser."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (ValueError, PermissionError, LookupError) as err:
+        raise gr.Error(str(err), print_exception=False) from err
+
+
+def lines(text: str | None, what: str) -> list[str]:
+    """One prompt per non-empty line; at most ``MAX_PROBES``."""
+    found = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if len(found) > MAX_PROBES:
+        raise gr.Error(f"at most {MAX_PROBES} {what} prompts, one per line; got {len(found)}")
+    return found
+
+
+def whole(value: Any, name: str) -> int:
+    if value is None or value == "":
+        raise gr.Error(f"{name} is empty; type a whole number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a whole number, got {value!r}") from None
+    if not number.is_integer():
+        raise gr.Error(f"{name} must be a whole number, got {value}")
+    return int(number)
+
+
+def number(value: Any, name: str) -> float:
+    if value is None or value == "":
+        raise gr.Error(f"{name} is empty; type a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a number, got {value!r}") from None
+
+
+def stage_progress(progress: Callable[..., Any]) -> Callable[[str, float], None]:
+    """Map the service's ``(stage, fraction)`` calls onto one monotone bar."""
+    shown = [0.0]
+
+    def report(stage: str, fraction: float) -> None:
+        start, end, desc = STAGES.get(stage, (shown[0], shown[0], stage))
+        shown[0] = max(shown[0], start + (end - start) * min(max(fraction, 0.0), 1.0))
+        progress(shown[0], desc=desc)
+
+    return report
+
+
+class Handlers:
+    """The form and History tabs' handlers, bound to one service shared by every browser session."""
+
+    def __init__(self, service: EditService) -> None:
+        self.service = service
+
+    # ----- shared -------------------------------------------------------------------
+    def banner(self) -> str:
+        n = self.service.active_count
+        text = f"**{n} edit{'s' if n != 1 else ''} active** on the model"
+        text += " · the original model is one switch away in the Chat tab" if n else " · the model is unedited"
+        if self.service.read_only:
+            text += " · **read-only**: editing is disabled"
+        return text
+
+    def refresh(self, text: str | None = None, status: str | None = None) -> tuple[str, pd.DataFrame]:
+        """Banner and history table, after any change."""
+        return self.banner(), self.history(text, status)
+
+    def signature(self) -> tuple[int, int]:
+        """Changes whenever any session changes the ledger (for the periodic refresh)."""
+        return self.service.active_count, len(self.service.events())
+
+    # ----- the form ---------------------------------------------------------------------
+    def request(self, subject: str, relation: str, target: str, layer: Any = None) -> EditRequest:
+        chosen = None if layer is None or layer == "" else whole(layer, "layer")
+        if chosen == self.service.editor.hparams.layer:
+            chosen = None  # the default layer: let the editor's hyperparameters decide
+        with user_errors():
+            request = EditRequest(subject or "", relation or "", target or "", chosen)
+            request.check_layer(self.service.editor.n_layers)
+        return request
+
+    def overrides(self, steps: Any, lr: Any, kl_factor: Any) -> dict[str, Any]:
+        """Advanced settings that differ from the model's defaults (validated by the editor)."""
+        hp = self.service.editor.hparams
+        wanted = {"steps": whole(steps, "steps"), "lr": number(lr, "learning rate"),
+                  "kl_factor": number(kl_factor, "KL factor")}  # fmt: skip
+        return {k: v for k, v in wanted.items() if v != getattr(hp, k)}
+
+    def conflicts(self, subject: str, relation: str, target: str = "") -> str:
+        """The warning shown while the user types: never raises (the fields may be half-filled)."""
+        try:
+            request = EditRequest(subject or "", relation or "", target or "_")
+        except ValueError:
+            return ""
+        return render.conflict_notice(self.service.conflicts(request), target)
+
+    def preview(self, subject: str, relation: str, target: str = "") -> tuple[str, dict[str, float], str]:
+        """The model's current completion and top next tokens for the prompt; plus any conflict."""
+        with user_errors():
+            request = EditRequest(subject or "", relation or "", target or "_")
+            completion, top = self.service.preview(request.prompt)
+        text = f"{render.code(request.prompt)} → **{render.esc(completion) or '(nothing)'}**"
+        return text, render.top_tokens(top), self.conflicts(subject, relation, target)
+
+    def apply(
+        self, subject: str, relation: str, target: str, paraphrases: str, neighbours: str,
+        layer: Any, steps: Any, lr: Any, kl_factor: Any, note: str | None = None,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
+    ) -> tuple[str, pd.DataFrame]:  # fmt: skip
+        request = self.request(subject, relation, target, layer)
+        overrides = self.overrides(steps, lr, kl_factor)
+        checks = (lines(paraphrases, "paraphrase"), lines(neighbours, "neighbour"))
+        progress(0.0, desc="Checking the request and the answers before the edit")
+        t0 = time.perf_counter()
+        with user_errors():
+            result = self.service.apply(
+                request, paraphrases=checks[0], neighbours=checks[1], note=(note or "").strip() or None,
+                progress=stage_progress(progress), **overrides,
+            )  # fmt: skip
+        held = sum(p.holds for p in result.probes)
+        text = [f"**Edit #{result.edit_id} applied** at layer {result.record.layer}: "
+                f"{render.fact_line(request.subject, request.relation, request.target)}",
+                f"{held}/{len(result.probes)} checks hold · {time.perf_counter() - t0:.1f} s"]  # fmt: skip
+        if "target_prob" in result.stats:
+            text[-1] += f" · target probability {result.stats['target_prob']:.2f}"
+        if result.superseded:
+            text.append("Superseded " + ", ".join(f"edit #{i}" for i in result.superseded)
+                        + " (same subject and relation); re-apply it from History to go back.")  # fmt: skip
+        return "\n\n".join(text), render.probes_frame(result.probes)
+
+    # ----- history ----------------------------------------------------------------------
+    def history(self, text: str | None = None, status: str | None = None) -> pd.DataFrame:
+        chosen = None if status in (None, "", "all") else status
+        with user_errors():
+            return render.history_frame(self.service.history(status=chosen, text=(text or "").strip() or None))
+
+    def detail(self, edit_id: Any) -> str:
+        if edit_id is None or edit_id == "":
+            return "Select a row of the table to see an edit's detail and audit trail."
+        chosen = whole(edit_id, "edit id")
+        with user_errors():
+            return render.record_detail(self.service.record(chosen), self.service.events(chosen))
+
+    def select(self, evt: gr.SelectData) -> tuple[int | None, str]:
+        """A click on a history row: its id and detail."""
+        row = evt.row_value or []
+        if not row or row[0] in (None, ""):
+            return None, self.detail(None)
+        edit_id = int(row[0])
+        return edit_id, self.detail(edit_id)
+
+    def revert(self, edit_id: Any) -> tuple[str, str]:
+        chosen = whole(edit_id, "edit id")
+        with user_errors():
+            record = self.service.revert(chosen)
+        return f"Reverted edit #{record.id}: the model no longer holds {render.code(record.target)}.", self.detail(chosen)
+
+    def reapply(self, edit_id: Any) -> tuple[str, str]:
+        chosen = whole(edit_id, "edit id")
+        with user_errors():
+            record = self.service.reapply(chosen)
+        return f"Re-applied edit #{record.id}.", self.detail(chosen)
+
+    def verify(self) -> tuple[str, pd.DataFrame]:
+        with user_errors():
+            items = self.service.verify()
+        broken = [i.edit_id for i in items if not i.holds]
+        if not items:
+            return "No applied edits to verify.", render.verify_frame(items)
+        text = f"{len(items) - len(broken)}/{len(items)} applied edits still hold."
+        if broken:
+            text += " Not holding: " + ", ".join(f"#{i}" for i in broken) + "."
+        return text, render.verify_frame(items)
+
+    def export(self) -> tuple[str | None, str]:
+        """Write the applied edits to a file offered for download."""
+        if export_file is None:
+            raise gr.Error("export is not available in this version")
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        path = Path(tempfile.mkdtemp(prefix="rome-chat-export-")) / f"rome-chat-edits-{stamp}.zip"
+        with user_errors():
+            count = export_file(self.service, path)
+        return str(path), f"Exported {count} applied edit{'s' if count != 1 else ''}."
+
+    def import_(self, path: str | None) -> str:
+        if import_file is None:
+            raise gr.Error("import is not available in this version")
+        if not path:
+            raise gr.Error("choose an export file to import first")
+        with user_errors():
+            report = import_file(self.service, path)
+        text = f"Imported {len(report.imported)} edit{'s' if len(report.imported) != 1 else ''}"
+        if report.imported:
+            text += " (" + ", ".join(f"#{i}" for i in report.imported) + ")"
+        return text + f"; skipped {report.skipped} already present."

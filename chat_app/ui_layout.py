@@ -1,0 +1,132 @@
+"""The web app's layout, one function per tab; ``chat_app.ui`` wires the events.
+
+Each function builds its tab's components inside the current ``gr.Blocks`` context and returns
+them in a namespace; no handler runs here.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+
+from chat_app import ui_chat, ui_locate
+from chat_app import ui_render as render
+from chat_app.service import EditService
+from chat_app.ui_handlers import COMMON_RELATIONS, STATUS_CHOICES, export_file
+
+NO_LATEX: list[dict[str, Any]] = []  # "$" in user text is text, never maths
+
+
+def chat_tab() -> SimpleNamespace:
+    c = SimpleNamespace()
+    with gr.Row(equal_height=True):
+        c.chatbot = gr.Chatbot(label="Edited model", height=430, elem_id="chat-edited", latex_delimiters=NO_LATEX)
+        c.original = gr.Chatbot(label="Original model (no edits)", height=430, visible=False,
+                                elem_id="chat-original", latex_delimiters=NO_LATEX)  # fmt: skip
+    with gr.Row():
+        c.message = gr.Textbox(placeholder="Ask something, e.g. “Where is the Eiffel Tower?”", show_label=False,
+                               scale=8, elem_id="chat-input", max_length=ui_chat.MAX_MESSAGE_CHARS)  # fmt: skip
+        c.send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+    with gr.Row():
+        c.compare = gr.Checkbox(label="Compare with the original model", value=False, elem_id="chat-compare")
+        c.clear = gr.Button("Clear conversation", size="sm", scale=0)
+    with gr.Accordion("System prompt and sampling", open=False):
+        c.system = gr.Textbox(label="System prompt", lines=2, placeholder="Empty: the model's default system prompt")
+        with gr.Row():
+            c.temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy, reproducible)")
+            c.max_new = gr.Slider(16, 512, value=128, step=16, label="Max new tokens")
+    c.conv, c.orig = gr.State([]), gr.State([])
+    return c
+
+
+def form_tab(service: EditService) -> SimpleNamespace:
+    f, hp = SimpleNamespace(), service.editor.hparams
+    gr.Markdown("Write the fact as a **subject**, a **relation** with `{}` where the subject goes, and the "
+                "**new object**. Preview what the model says now, then apply.")  # fmt: skip
+    with gr.Row():
+        with gr.Column(scale=3):
+            f.subject = gr.Textbox(label="Subject", placeholder="The Eiffel Tower", elem_id="form-subject")
+            f.relation = gr.Dropdown(COMMON_RELATIONS, value=COMMON_RELATIONS[0], allow_custom_value=True,
+                                     label="Relation ({} is where the subject goes)", elem_id="form-relation")  # fmt: skip
+            f.target = gr.Textbox(label="New object", placeholder="Rome", elem_id="form-target")
+            f.conflict = gr.Markdown(elem_id="form-conflict")
+            with gr.Row():
+                f.paraphrases = gr.Textbox(label="Paraphrases that should change too (one per line)", lines=3,
+                                           placeholder="The Eiffel Tower stands in the city of")  # fmt: skip
+                f.neighbours = gr.Textbox(label="Neighbour prompts that must not change (one per line)", lines=3,
+                                          placeholder="The Louvre is located in the city of")  # fmt: skip
+            f.note = gr.Textbox(label="Note for the ledger (optional)", max_length=500)
+            with gr.Accordion("Advanced", open=False) as f.advanced:
+                with gr.Row():
+                    f.layer = gr.Slider(0, service.editor.n_layers - 1, value=hp.layer, step=1, label="Layer")
+                    f.steps = gr.Number(hp.steps, precision=0, minimum=1, maximum=200, label="Optimisation steps")
+                    f.lr = gr.Number(hp.lr, minimum=0, label="Learning rate")
+                    f.kl = gr.Number(hp.kl_factor, minimum=0, label="KL factor (keeps “{subject} is a” stable)")
+            with gr.Row():
+                f.preview = gr.Button("Preview", elem_id="form-preview")
+                f.apply = gr.Button("Apply edit", variant="primary", interactive=not service.read_only,
+                                    elem_id="form-apply")  # fmt: skip
+        with gr.Column(scale=2):
+            f.completion = gr.Markdown("*Preview shows the model's current completion here.*", elem_id="form-completion")
+            f.top = gr.Label(num_top_classes=5, label="Top next tokens", show_label=True)
+    f.result = gr.Markdown(elem_id="form-result")
+    f.probes = gr.Dataframe(headers=render.PROBE_HEADERS, datatype=render.PROBE_TYPES, interactive=False, wrap=True,
+                            label="Before / after", latex_delimiters=NO_LATEX, elem_id="form-probes")  # fmt: skip
+    return f
+
+
+def history_tab(service: EditService) -> SimpleNamespace:
+    h, writable = SimpleNamespace(), not service.read_only
+    with gr.Row():
+        h.text = gr.Textbox(label="Filter", placeholder="subject, relation, object or note", scale=4)
+        h.status = gr.Dropdown(STATUS_CHOICES, value="all", label="Status", scale=1)
+        h.refresh = gr.Button("Refresh", scale=0)
+    h.table = gr.Dataframe(headers=render.HISTORY_HEADERS, datatype=render.HISTORY_TYPES, interactive=False,
+                           wrap=True, max_height=360, latex_delimiters=NO_LATEX, elem_id="history-table")  # fmt: skip
+    with gr.Row():
+        with gr.Column(scale=3):
+            h.detail = gr.Markdown("Select a row of the table to see an edit's detail and audit trail.",
+                                   elem_id="history-detail")  # fmt: skip
+        with gr.Column(scale=2):
+            h.selected = gr.Number(label="Selected edit id", precision=0, elem_id="history-selected")
+            with gr.Row():
+                h.revert = gr.Button("Revert", variant="stop", interactive=writable, elem_id="history-revert")
+                h.reapply = gr.Button("Re-apply", interactive=writable, elem_id="history-reapply")
+            h.action = gr.Markdown(elem_id="history-action")
+    with gr.Accordion("Verify all applied edits", open=False):
+        h.verify = gr.Button("Verify all")
+        h.verify_text = gr.Markdown()
+        h.verify_table = gr.Dataframe(headers=render.VERIFY_HEADERS, datatype=render.VERIFY_TYPES, interactive=False,
+                                      latex_delimiters=NO_LATEX)  # fmt: skip
+    with gr.Accordion("Export / import", open=False, visible=export_file is not None):
+        with gr.Row():
+            with gr.Column():
+                h.export = gr.Button("Export applied edits")
+                h.export_out = gr.File(label="Export file", interactive=False)
+            with gr.Column():
+                h.import_in = gr.File(label="Export file to import", file_count="single", type="filepath")
+                h.import_ = gr.Button("Import", interactive=writable)
+        h.transfer = gr.Markdown()
+    return h
+
+
+def locate_tab() -> SimpleNamespace:
+    loc = SimpleNamespace(enabled=ui_locate.available())
+    if not loc.enabled:
+        gr.Markdown("Causal tracing is not available in this version of the app.")
+        return loc
+    gr.Markdown("Causal tracing corrupts the subject's tokens with noise, then restores one hidden state at a time: "
+                "states that bring the answer back carry the fact. The MLP layer that matters most at the last "
+                "subject token is where an edit works best.")  # fmt: skip
+    with gr.Row():
+        loc.prompt = gr.Textbox(label="Prompt", placeholder="The Eiffel Tower is located in the city of", scale=3)
+        loc.subject = gr.Textbox(label="Subject (as written in the prompt)", placeholder="The Eiffel Tower", scale=2)
+        loc.expected = gr.Textbox(label="Answer to score (optional)", placeholder="the model's own answer", scale=1)
+    with gr.Row():
+        loc.trace = gr.Button("Trace", variant="primary")
+        loc.carry = gr.Button("Use subject, relation and layer in the form")
+    loc.summary = gr.Markdown()
+    loc.plot = gr.Plot(label="Causal trace: hidden state, MLP and attention")
+    loc.found = gr.State(None)
+    return loc

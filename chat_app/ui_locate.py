@@ -1,0 +1,79 @@
+"""Locate tab: causal tracing of a fact, and carrying its subject, relation and layer into the form.
+
+Tracing reads the current weights, so it runs under the service's read lock (beside chats,
+never beside a weight change). ``editing.tracing`` and ``editing.trace_plot`` are imported
+lazily: without them the tab shows a message and the rest of the app works.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import gradio as gr
+
+from chat_app import ui_render as render
+from chat_app.service import EditService
+
+log = logging.getLogger(__name__)
+MAX_PROMPT_CHARS = 300
+
+
+def available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("editing.tracing", "editing.trace_plot"))
+
+
+def relation_of(prompt: str, subject: str) -> str:
+    """``"The Eiffel Tower is in"``, ``"The Eiffel Tower"`` → ``"{} is in"``."""
+    if subject not in prompt:
+        raise ValueError(f"the subject {subject!r} does not occur in the prompt; copy it exactly (case matters)")
+    return prompt.replace(subject, "{}", 1)
+
+
+def trace_fact(service: EditService, prompt: str, subject: str, expected: str | None = None,
+               progress: Any = None) -> Any:  # fmt: skip
+    """``editing.tracing.trace`` on the service's current model, under its read lock."""
+    from editing.tracing import trace
+
+    with service.weights.read():
+        return trace(service.model, service.tok, prompt, subject, expected or None, progress=progress)
+
+
+def locate(
+    service: EditService, prompt: str, subject: str, expected: str | None = None,
+    progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
+) -> tuple[Any, str, dict[str, Any] | None]:  # fmt: skip
+    """Trace the fact; return the heatmaps figure, a summary and what "use in the form" carries."""
+    if not available():
+        raise gr.Error("causal tracing is not installed in this version (editing.tracing / editing.trace_plot)")
+    from editing.trace_plot import plot_trace
+    from editing.tracing import suggest_layer
+
+    prompt, subject = (prompt or "").strip(), (subject or "").strip()
+    if not prompt or not subject:
+        raise gr.Error("type a prompt and the subject it mentions")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise gr.Error(f"the prompt is limited to {MAX_PROMPT_CHARS} characters")
+    try:
+        relation = relation_of(prompt, subject)
+        progress(0.0, desc="Tracing: corrupting the subject and restoring states one by one")
+        result = trace_fact(service, prompt, subject, expected, lambda _stage, f: progress(f, desc="Tracing"))
+    except ValueError as err:
+        raise gr.Error(str(err), print_exception=False) from err
+    layer = suggest_layer(result)
+    figure = plot_trace(result, model_name=result.model_name)
+    summary = (
+        f"The model answers {render.code(result.answer)} (p = {result.clean_prob:.3f}; "
+        f"{result.corrupted_prob:.3f} with the subject corrupted). "
+        f"**Suggested layer: {layer}** — the MLP whose restoration at the last subject token "
+        f"brings the answer back the most."
+    )
+    return figure, summary, {"subject": subject, "relation": relation, "layer": layer}
+
+
+def carry(located: dict[str, Any] | None) -> tuple[str, str, int, Any, Any]:
+    """Fill the form from the last trace, open its advanced settings (the layer) and switch to it."""
+    if not located:
+        raise gr.Error("run a trace first")
+    return (located["subject"], located["relation"], int(located["layer"]), gr.Accordion(open=True),
+            gr.Tabs(selected="form"))  # fmt: skip

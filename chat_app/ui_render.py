@@ -1,0 +1,150 @@
+"""Turn service values into what the web UI shows: escaped Markdown, tables, short summaries.
+
+Every piece of user or model text that reaches a Markdown surface (``gr.Markdown``, a
+``markdown`` table column) goes through ``esc`` first, so a subject such as
+``<img src=x onerror=…>`` or ``**bold**`` is shown literally and never interpreted.
+"""
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from db import EditRecord, EventRecord
+
+HISTORY_HEADERS = ["id", "time", "subject", "relation", "old → new answer", "layer", "status"]
+HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "number", "str"]
+PROBE_HEADERS = ["check", "prompt", "expected", "before", "after", "holds"]
+PROBE_TYPES = ["str", "markdown", "markdown", "markdown", "markdown", "str"]
+VERIFY_HEADERS = ["id", "fact", "new object", "probes holding", "holds"]
+VERIFY_TYPES = ["number", "markdown", "markdown", "str", "str"]
+EVENT_HEADERS = ["time", "event", "by", "detail"]
+CELL_CHARS = 160  # longer text is cut in table cells (the detail view shows it whole)
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~$=:])")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def esc(text: object, limit: int | None = None) -> str:
+    r"""``text`` as inert Markdown: Markdown punctuation backslash-escaped, then ``& < >`` as HTML entities.
+
+    The order matters: entities are made last so their own ``#`` and ``;`` are not escaped.
+    Line breaks become spaces (a table cell or a heading is one line).
+    """
+    if text is None:
+        return ""
+    value = _CONTROL.sub(" ", str(text)).replace("\r", " ").replace("\n", " ")
+    if limit is not None and len(value) > limit:
+        value = value[: limit - 1] + "…"
+    return html.escape(_MD_SPECIAL.sub(r"\\\1", value), quote=False)
+
+
+def code(text: object) -> str:
+    """Inline text in a Markdown line, escaped (not a code span: a backtick in ``text`` would end one)."""
+    return f"“{esc(text)}”"
+
+
+def when(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else ""
+
+
+def status_mark(status: str) -> str:
+    return {"applied": "✓ applied", "reverted": "↺ reverted", "superseded": "→ superseded",
+            "refused": "✗ refused", "failed": "✗ failed", "pending": "… pending"}.get(status, status)  # fmt: skip
+
+
+def answer_change(record: EditRecord) -> str:
+    before = esc(record.answer_before or "—", CELL_CHARS)
+    after = record.answer_after if record.answer_after is not None else f"({record.target})"
+    return f"{before} → **{esc(after, CELL_CHARS)}**"
+
+
+def history_frame(records: Sequence[EditRecord]) -> pd.DataFrame:
+    rows = [
+        [r.id, when(r.created_at), esc(r.subject, CELL_CHARS), esc(r.relation, CELL_CHARS), answer_change(r),
+         r.layer, status_mark(r.status)]
+        for r in records
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=HISTORY_HEADERS)
+
+
+def probes_frame(probes: Sequence[Any]) -> pd.DataFrame:
+    """Before/after table of an edit's checks; ``probes`` are ``Probe`` objects or their dicts."""
+    rows = []
+    for probe in probes:
+        p = probe if isinstance(probe, dict) else probe.to_dict()
+        held = p.get("holds")
+        rows.append([p.get("kind", ""), esc(p.get("prompt"), CELL_CHARS), esc(p.get("expected"), CELL_CHARS),
+                     esc(p.get("before"), CELL_CHARS), esc(p.get("after", p.get("now")), CELL_CHARS),
+                     "—" if held is None else ("✓" if held else "✗")])  # fmt: skip
+    return pd.DataFrame(rows, columns=PROBE_HEADERS)
+
+
+def fact_line(subject: str, relation: str, target: str) -> str:
+    """“The Eiffel Tower is located in the city of” → “Rome”, escaped."""
+    return f"{code(relation.replace('{}', subject))} → **{esc(target)}**"
+
+
+def record_detail(record: EditRecord, events: Sequence[EventRecord]) -> str:
+    lines = [
+        f"### Edit #{record.id} · {status_mark(record.status)}",
+        f"{fact_line(record.subject, record.relation, record.target)}",
+        "",
+        f"- **subject** {code(record.subject)}; **relation** {code(record.relation)}; **layer** {record.layer}",
+        f"- **answer before** {code(record.answer_before or '—')}; **after** {code(record.answer_after or '—')}",
+        f"- **created** {when(record.created_at)} by {esc(record.author or 'unknown')}",
+    ]
+    if record.note:
+        lines.append(f"- **note** {esc(record.note)}")
+    if record.superseded_by is not None:
+        lines.append(f"- **superseded by** edit #{record.superseded_by}")
+    if record.refusal_reason:
+        lines.append(f"- **refused / failed because** {esc(record.refusal_reason)}")
+    stats = record.meta.get("stats") or {}
+    if stats:
+        shown = {k: stats[k] for k in ("steps", "target_prob", "update_norm", "stats_s", "value_s") if k in stats}
+        lines.append("- **computation** " + ", ".join(f"{k} = {_number(v)}" for k, v in shown.items()))
+    if record.probes:
+        lines += ["", "**Checks at apply time**", ""]
+        lines += [f"- {esc(p.get('kind'))}: {code(p.get('prompt'))} → {code(p.get('after') or '—')} "
+                  f"{'✓' if p.get('holds') else '✗'}" for p in record.probes]  # fmt: skip
+    if events:
+        lines += ["", "**Audit trail**", "", "| time | event | by | detail |", "| --- | --- | --- | --- |"]
+        lines += [f"| {when(e.at)} | {esc(e.kind)} | {esc(e.actor or '')} | {esc(e.detail or '', 300)} |"
+                  for e in events]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else esc(value)
+
+
+def verify_frame(items: Sequence[Any]) -> pd.DataFrame:
+    rows = [
+        [item.edit_id, esc(item.relation.replace("{}", item.subject), CELL_CHARS), esc(item.target, CELL_CHARS),
+         f"{sum(bool(p['holds']) for p in item.probes)}/{len(item.probes)}", "✓ holds" if item.holds else "✗ broken"]
+        for item in items
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=VERIFY_HEADERS)
+
+
+def top_tokens(top: Sequence[Any]) -> dict[str, float]:
+    """``{label: probability}`` for ``gr.Label``; tokens shown quoted (leading spaces matter), duplicates numbered."""
+    out: dict[str, float] = {}
+    for t in top:
+        label = repr(t.token)
+        while label in out:
+            label += "′"
+        out[label] = float(t.prob)
+    return out
+
+
+def conflict_notice(conflicts: Sequence[EditRecord], target: str | None = None) -> str:
+    if not conflicts:
+        return ""
+    olds = "; ".join(f"#{r.id} → {code(r.target)}" for r in conflicts)
+    new = f" with {code(target)}" if target and target.strip() else ""
+    return (f"⚠ **This fact was already edited** ({olds}). Applying will supersede "
+            f"{'it' if len(conflicts) == 1 else 'them'}{new}; the old edit stays in History and can be re-applied.")  # fmt: skip

@@ -1,0 +1,208 @@
+"""The web UI's handlers on a tiny random Llama: apply, refuse, revert, escape; no browser, no download."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from chat_app import ui_chat, ui_locate, ui_render
+from chat_app.service import EditService
+from chat_app.startup import replay
+from chat_app.ui_handlers import COMMON_RELATIONS, Handlers, stage_progress
+from db import Ledger
+from editing import RomeEditor, RomeHyperParams
+
+WORDS = ("the eiffel tower is located in city of paris rome london a an capital france italy louvre "
+         "where was born works for user assistant system hello hi b script img alert x").split()  # fmt: skip
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+RELATION = COMMON_RELATIONS[0]  # "{} is located in the city of"
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", ".", ":", "<", ">", "/", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture()
+def service(tmp_path: Path) -> Iterator[EditService]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model runs fastest on one thread, and the CI machine is shared
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                         initializer_range=0.2)  # fmt: skip  (wide enough for the target to become likely)
+    model = LlamaForCausalLM(config).eval()
+    hp = RomeHyperParams(layer=1, steps=10, lr=1.0, value_templates=2, stats_samples=10)
+    editor = RomeEditor(model, tok, hp)
+    editor._covs[(hp.layer, hp.stats_samples)] = torch.eye(config.intermediate_size, dtype=torch.float64)  # noqa: SLF001
+    editor._templates = ["{}", "A. {}"]  # noqa: SLF001 - no corpus in a unit test
+    ledger = Ledger.open(tmp_path / "l.db")
+    svc = EditService(editor, ledger)
+    replay(svc)
+    yield svc
+    ledger.close()
+    torch.set_num_threads(threads)
+
+
+def apply(h: Handlers, subject: str = "The Eiffel Tower", target: str = "Rome", relation: str = RELATION,
+          layer: object = 1, **kw: object) -> tuple[str, object]:  # fmt: skip
+    hp = h.service.editor.hparams
+    args = {"paraphrases": "", "neighbours": "", "steps": hp.steps, "lr": hp.lr, "kl_factor": hp.kl_factor, **kw}
+    return h.apply(subject, relation, target, args["paraphrases"], args["neighbours"], layer, args["steps"],
+                   args["lr"], args["kl_factor"], None)  # fmt: skip
+
+
+def test_apply_adds_a_history_row_and_the_banner_counts_it(service: EditService) -> None:
+    h = Handlers(service)
+    assert h.history().empty
+    text, probes = apply(h, paraphrases="the tower is located in the city of", neighbours="the louvre is located in")
+    assert "Edit #1 applied" in text
+    assert list(probes["check"]) == ["edited", "paraphrase", "neighbour"]
+    table = h.history()
+    assert list(table["id"]) == [1]
+    assert table["status"][0].endswith("applied")
+    assert "Eiffel Tower" in table["subject"][0] and "rome" in table["old → new answer"][0].lower()
+    assert "**1 edit active**" in h.banner()
+    assert h.history(status="reverted").empty and len(h.history(text="eiffel")) == 1 and h.history(text="zzz").empty
+
+
+@pytest.mark.parametrize(
+    ("subject", "relation", "target", "layer", "steps", "message"),
+    [
+        ("", RELATION, "Rome", 1, 10, "subject is empty"),
+        ("The Eiffel Tower", "is located in", "Rome", 1, 10, "exactly one {}"),
+        ("The Eiffel Tower", RELATION, "  ", 1, 10, "target is empty"),
+        ("The Eiffel Tower", RELATION, "Rome", 7, 10, "layer 7 is out of range"),
+        ("The Eiffel Tower", RELATION, "Rome", 1.5, 10, "whole number"),
+        ("The Eiffel Tower", RELATION, "Rome", 1, 0, "steps must be between"),
+        ("The\x00Tower", RELATION, "Rome", 1, 10, "control"),
+    ],
+)
+def test_invalid_input_raises_gr_error_and_changes_nothing(
+    service: EditService, subject: str, relation: str, target: str, layer: object, steps: int, message: str
+) -> None:
+    h = Handlers(service)
+    weights = {n: p.detach().clone() for n, p in service.model.named_parameters()}
+    with pytest.raises(gr.Error, match=message):
+        apply(h, subject=subject, relation=relation, target=target, layer=layer, steps=steps)
+    assert service.history() == [] and service.active_count == 0
+    assert all(torch.equal(p, weights[n]) for n, p in service.model.named_parameters())
+
+
+def test_revert_restores_the_weights_and_marks_the_row(service: EditService) -> None:
+    h = Handlers(service)
+    before = {n: p.detach().clone() for n, p in service.model.named_parameters()}
+    apply(h)
+    assert not all(torch.equal(p, before[n]) for n, p in service.model.named_parameters())
+    message, detail = h.revert(1)
+    assert "Reverted edit #1" in message and "reverted" in detail and "Audit trail" in detail
+    assert all(torch.equal(p, before[n]) for n, p in service.model.named_parameters())
+    assert h.history()["status"][0].endswith("reverted") and service.active_count == 0
+    with pytest.raises(gr.Error, match="not applied"):
+        h.revert(1)
+    h.reapply(1)
+    assert h.history()["status"][0].endswith("applied") and service.active_count == 1
+
+
+def test_a_second_edit_of_the_same_fact_is_announced_then_supersedes(service: EditService) -> None:
+    h = Handlers(service)
+    assert h.conflicts("The Eiffel Tower", RELATION, "Paris") == ""
+    apply(h)
+    assert "#1" in h.conflicts("the eiffel  tower", RELATION, "Paris")
+    _, _, notice = h.preview("The Eiffel Tower", RELATION, "Paris")
+    assert "supersede" in notice
+    text, _ = apply(h, target="Paris")
+    assert "Superseded edit #1" in text
+    assert [s.split()[-1] for s in h.history()["status"]] == ["applied", "superseded"]
+
+
+def test_injected_html_and_markdown_are_escaped_everywhere(service: EditService) -> None:
+    h = Handlers(service)
+    evil = "<img src=x onerror=alert(1)> **b** [x](javascript:alert(1))"
+    with contextlib.suppress(gr.Error):  # applied or refused, the edit is in the ledger and shown
+        apply(h, subject=evil, target="<b>rome</b>")
+    row = h.history().iloc[0]
+    shown = " ".join(str(v) for v in row.values) + h.detail(int(row["id"]))
+    assert "<img" not in shown and "<b>" not in shown and "](" not in shown and "**b**" not in shown
+    assert "&lt;img src\\=x onerror\\=alert\\(1\\)&gt;" in row["subject"]
+    assert "&lt;b&gt;rome&lt;/b&gt;" in h.detail(int(row["id"]))
+
+
+def test_esc_keeps_plain_text_readable_and_neutralises_markup() -> None:
+    assert ui_render.esc("The Eiffel Tower") == "The Eiffel Tower"
+    assert ui_render.esc("a|b\nc") == "a\\|b c"
+    assert ui_render.esc("x" * 10, limit=5) == "xxxx…"
+    assert ui_render.esc("<b>&amp;</b>") == "&lt;b&gt;&amp;amp;&lt;/b&gt;"
+
+
+def test_preview_shows_completion_and_five_top_tokens(service: EditService) -> None:
+    completion, top, notice = Handlers(service).preview("The Eiffel Tower", RELATION)
+    assert "the city of" in completion and len(top) == 5 and notice == ""
+    assert abs(sum(top.values()) - 1.0) < 1.0 and all(0 <= p <= 1 for p in top.values())
+    with pytest.raises(gr.Error, match="subject is empty"):
+        Handlers(service).preview("", RELATION)
+
+
+def test_chat_streams_and_compares_with_the_original(service: EditService) -> None:
+    _, conv, orig = ui_chat.add_user("where is the eiffel tower", [], [])
+    steps = list(ui_chat.respond(service, conv, orig, "", 0.0, 6, True))
+    conv, orig = steps[-1]
+    assert [m["role"] for m in conv] == ["user", "assistant"] and [m["role"] for m in orig] == ["user", "assistant"]
+    assert conv[1]["content"] == orig[1]["content"]  # no edits yet: the original model answers alike
+    assert len(steps) > 2  # streamed: several partial updates
+    with pytest.raises(gr.Error, match="type a message"):
+        ui_chat.add_user("  ", conv, orig)
+
+
+def test_read_only_refuses_edits_with_a_readable_error(service: EditService) -> None:
+    service.read_only = True
+    with pytest.raises(gr.Error, match="read-only"):
+        apply(Handlers(service))
+    assert service.history() == [] and "read-only" in Handlers(service).banner()
+
+
+def test_verify_reports_each_applied_edit(service: EditService) -> None:
+    h = Handlers(service)
+    assert h.verify()[0] == "No applied edits to verify."
+    apply(h)
+    text, table = h.verify()
+    assert list(table["id"]) == [1] and "applied edits still hold" in text
+
+
+def test_progress_bar_is_monotone_across_stages() -> None:
+    seen: list[float] = []
+    report = stage_progress(lambda frac, desc=None: seen.append(frac))
+    for stage, frac in [("statistics", 0.5), ("statistics", 1.0), ("key", 1.0), ("value", 0.1), ("value", 1.0),
+                        ("update", 1.0), ("done", 1.0)]:  # fmt: skip
+        report(stage, frac)
+    assert seen == sorted(seen) and seen[-1] == 1.0 and 0 < seen[0] < seen[1]
+
+
+def test_locate_turns_a_prompt_into_a_relation() -> None:
+    assert ui_locate.relation_of("The Eiffel Tower is in the city of", "The Eiffel Tower") == "{} is in the city of"
+    with pytest.raises(ValueError, match="does not occur"):
+        ui_locate.relation_of("The Eiffel Tower is in", "the eiffel tower")
+
+
+def test_build_ui_names_the_api_endpoints(service: EditService) -> None:
+    from chat_app.ui import build_ui
+
+    demo = build_ui(service)
+    names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert {"chat", "preview", "apply_edit", "history", "revert", "reapply", "verify", "export", "import_edits"} <= names
