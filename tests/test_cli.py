@@ -1,0 +1,62 @@
+"""The command line on a tiny model saved to disk: edit, history, revert, reapply, verify, export, import."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import app
+from tests.tiny import tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def run(model_dir, tmp_path, monkeypatch, capsys):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("ROME_CHAT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("chat_app.service.MIN_TARGET_PROB", 0.0)
+    db = tmp_path / "ledger.db"
+
+    def invoke(*argv: str) -> tuple[int, str, str]:
+        code = app.main(["--model", str(model_dir), "--db", str(db), *argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return invoke
+
+
+def test_cli_edit_history_revert_reapply_verify_export_import(run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run("edit", "--subject", "The Eiffel tower", "--relation", "Located in {}", "--target", "rome", "--json")
+    assert code == 0
+    edit = json.loads(out)
+    assert edit["status"] == "applied" and edit["layer"] == 1 and edit["probes"][0]["kind"] == "edited"
+    code, out, _ = run("history", "--json")
+    rows = json.loads(out)
+    assert code == 0 and [(r["id"], r["status"], r["target"]) for r in rows] == [(edit["id"], "applied", "rome")]
+    assert {"id", "status", "subject", "relation", "target", "layer"} <= rows[0].keys()
+    code, out, _ = run("history")
+    assert code == 0 and "The Eiffel tower" in out and "status" in out  # a readable table
+    assert run("revert", str(edit["id"]))[0] == 0
+    assert json.loads(run("history", "--json")[1])[0]["status"] == "reverted"
+    assert run("reapply", str(edit["id"]))[0] == 0
+    code, out, _ = run("verify", "--integrity", "--json")
+    assert json.loads(out)["integrity_problems"] == []
+    export = tmp_path / "out.zip"
+    assert run("export", str(export))[0] == 0 and export.stat().st_size > 0
+    code, out, _ = run("import", str(export), "--json")
+    assert code == 0 and json.loads(out) == {"imported": [], "skipped": 1, "ignored": 0}
+
+
+def test_cli_errors_exit_non_zero_with_a_message(run) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run("edit", "--subject", "x", "--relation", "no slot", "--target", "y")
+    assert code == 2 and "exactly one {}" in err
+    code, _, err = run("revert", "99")
+    assert code == 2 and "99" in err
+    code, _, err = run("import", "/nonexistent/file.zip")
+    assert code == 2 and "error:" in err
