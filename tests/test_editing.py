@@ -200,3 +200,19 @@ def test_unsupported_family_refused() -> None:
 
     with pytest.raises(ValueError, match="supported: gemma"):
         arch_of(BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=32)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_edit_and_revert_exactly(dtype: torch.dtype) -> None:
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    editor = tiny_editor(model, tok, layer=2)  # statistics from the float32 model
+    model.to(dtype)
+    before = weights(model)
+    edit = editor.compute(REQ)
+    assert edit.value_dir.dtype == torch.float32 and torch.isfinite(edit.value_dir).all()
+    editor.apply(edit)
+    param = model.get_parameter(edit.param_name)
+    assert param.dtype == dtype and not torch.equal(param, before[edit.param_name])
+    editor.revert(edit)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
