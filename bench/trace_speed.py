@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 import torch
@@ -35,11 +36,16 @@ def main() -> None:
     parser.add_argument("--more", action="store_true", help="also time two more prompts")
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--fast-only", action="store_true", help="skip the slow reference method")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok = load_model(None)
     noise = 3 * embedding_std(model, tok)  # measured once (cached on disk), outside the timings
-    print(f"torch threads: {torch.get_num_threads()}, noise std: {noise:.4f}, samples: {args.samples}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"torch threads: {torch.get_num_threads()}, CPUs: {os.cpu_count()}, load average: {load}")
+    print(f"noise std: {noise:.4f}, samples: {args.samples}, all three kinds, window 10")
     print(f"{'prompt':<46} {'tokens':>6} {'fast s':>8} {'(cpu)':>7} {'plain s':>8} {'(cpu)':>7} {'ratio':>6} {'max |Δ|':>9}")
     for prompt, subject in PROMPTS if args.more else PROMPTS[:1]:
         def run(method: str):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -40,7 +41,6 @@ _PART = {"hidden": None, "mlp": "mlp", "attn": "attn"}  # kind -> part of block 
 NOISE_TEXTS = 200  # corpus texts whose token embeddings give the embedding std
 MAX_ROWS = 512  # batch rows per fast pass (rows × vocabulary logits must fit in memory)
 MAX_ROW_TOKENS = 8192  # rows × tokens per fast pass
-PASS_OVERHEAD = 48  # cost of one extra pass, in row-tokens through every layer (tunes chunking)
 
 
 @dataclass(frozen=True)
@@ -127,12 +127,14 @@ def corrupt_subject(model: PreTrainedModel, subject_range: tuple[int, int], nois
 
 
 @contextmanager
-def _replace_input(model: nn.Module, name: str, value: torch.Tensor) -> Iterator[None]:
-    """Feed ``value`` to the module as its first positional input (in this thread only)."""
+def _join_rows(model: nn.Module, name: str, rows: torch.Tensor, first: bool) -> Iterator[None]:
+    """Append ``rows`` to the module's first input (replace it if ``first``), in this thread only."""
     owner = threading.get_ident()
 
     def hook(_mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        return None if threading.get_ident() != owner else (value, *args[1:])
+        if threading.get_ident() != owner:
+            return None
+        return (rows if first else torch.cat([args[0], rows]), *args[1:])
 
     handle = get_module(model, name).register_forward_pre_hook(hook)
     try:
@@ -165,7 +167,7 @@ def _clean_run(model: PreTrainedModel, ids: torch.Tensor, kinds: Sequence[str]) 
     outs: dict[tuple[str, int], torch.Tensor] = {}
 
     def recorder(key: tuple[str, int]) -> Callable[[torch.Tensor], None]:
-        return lambda out: outs.__setitem__(key, out[0].detach())
+        return lambda out: outs.__setitem__(key, out[0].detach().clone())
 
     with ExitStack() as stack:
         for kind in kinds:
@@ -205,8 +207,7 @@ def _restore_hooks(runs: _Runs, jobs: Sequence[tuple[str, int]], window: int, to
 
     def setter(index: torch.Tensor, value: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         def fn(out: torch.Tensor) -> torch.Tensor:  # (rows, tokens, d)
-            out = out.clone()
-            out[index, pos] = value
+            out[index, pos] = value  # in place: the module's output is a fresh tensor
             return out
 
         return fn
@@ -237,68 +238,54 @@ def _trace_plain(runs: _Runs, kinds: Sequence[str], window: int, tick: Callable[
     return scores
 
 
-def _plan_chunks(starts: list[int], samples: int, n_tok: int, total: int) -> list[tuple[int, int]]:
-    """Split jobs sorted by first restored layer into contiguous chunks of least estimated cost.
+def _chunks(n_jobs: int, samples: int, n_tok: int) -> list[tuple[int, int]]:
+    """Equal contiguous slices of the jobs whose rows (and rows × tokens) fit one pass."""
+    per_pass = max(1, min(MAX_ROWS, MAX_ROW_TOKENS // n_tok) // samples)
+    n_chunks = -(-n_jobs // per_pass)
+    bounds = [round(i * n_jobs / n_chunks) for i in range(n_chunks + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
-    A chunk runs every row from its earliest first layer, so wide chunks waste layers and narrow
-    ones pay the per-pass overhead; dynamic programming balances the two.
+
+def _run_chunk(runs: _Runs, jobs: Sequence[tuple[str, int]], starts: Sequence[int], token: int, window: int) -> torch.Tensor:
+    """Mean answer probability (len(jobs),) of restorations at ``token``; ``starts``: their first restored layers, sorted.
+
+    Job ``i``'s rows join the batch at block ``starts[i]``, fed the corrupted run's input there, so
+    the rows active at any block are the first ones: below the first start a single placeholder
+    row runs (its output is discarded), and no row repeats what the corrupted run already did.
     """
-    n = len(starts)
-    best = [0.0] + [float("inf")] * n
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j - 1, -1, -1):
-            rows = (j - i) * samples
-            if rows > MAX_ROWS or rows * n_tok > MAX_ROW_TOKENS:
-                break
-            cost = best[i] + (PASS_OVERHEAD + rows * n_tok) * (total - starts[i])
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    chunks, j = [], n
-    while j > 0:
-        chunks.append((cut[j], j))
-        j = cut[j]
-    return chunks[::-1]
-
-
-def _run_chunk(runs: _Runs, jobs: Sequence[tuple[str, int]], start: int, token: int, window: int) -> torch.Tensor:
-    """Mean answer probability (len(jobs),) of each restoration at ``token``, all first restored at or after ``start``."""
     model, samples = runs.model, runs.noise.shape[0]
-    n_rows = len(jobs) * samples
-    ids = runs.ids[:, token:]  # (1, n): blocks below ``start`` run on this one row, their output is replaced
+    active = [bisect_right(starts, block) * samples for block in range(n_layers(model))]  # rows per block
     cache = None
-    if token > 0:  # tokens before ``token`` are as in the corrupted run: attend to its cached keys and values
+    if token > 0:  # tokens before ``token`` are as in the corrupted run: attend to its keys and values
         cache = DynamicCache(
             ddp_cache_data=[
-                (k[:, :, :token].repeat(len(jobs), 1, 1, 1), v[:, :, :token].repeat(len(jobs), 1, 1, 1))
-                if layer >= start
+                (k[:, :, :token].repeat(n // samples, 1, 1, 1), v[:, :, :token].repeat(n // samples, 1, 1, 1))
+                if n
                 else (k[:1, :, :token], v[:1, :, :token])
-                for layer, (k, v) in enumerate(runs.corrupted_cache)
+                for (k, v), n in zip(runs.corrupted_cache, active)
             ],
             config=model.config,
         )
-    hidden = runs.corrupted_inputs[start][:, token:].repeat(len(jobs), 1, 1)  # (rows, n, d)
     with ExitStack() as stack:
-        stack.enter_context(_replace_input(model, layer_name(model, start), hidden))
+        for block in sorted(set(starts)):
+            joining = runs.corrupted_inputs[block][:, token:].repeat(starts.count(block), 1, 1)  # (rows, n, d)
+            stack.enter_context(_join_rows(model, layer_name(model, block), joining, first=block == starts[0]))
         for hook in _restore_hooks(runs, jobs, window, token, 0, samples):
             stack.enter_context(hook)
+        ids = runs.ids[:, token:]  # (1, n)
         out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
-    probs = _answer_prob(out.logits[:, -1], runs.answer_id)  # (rows,)
-    return probs.view(n_rows // samples, samples).mean(1)
+    return _answer_prob(out.logits[:, -1], runs.answer_id).view(len(jobs), samples).mean(1)
 
 
 def _trace_fast(runs: _Runs, kinds: Sequence[str], window: int, tick: Callable[[], None]) -> dict[str, torch.Tensor]:
     samples, n_tok, total = runs.noise.shape[0], runs.ids.shape[1], n_layers(runs.model)
+    jobs = sorted(((k, layer) for k in kinds for layer in range(total)), key=lambda j: _restored_layers(*j, window, total).start)
+    starts = [_restored_layers(*job, window, total).start for job in jobs]
     # Before the subject the corrupted run equals the clean one: restoring there changes nothing.
     scores = {k: torch.full((n_tok, total), runs.corrupted_prob) for k in kinds}
     for token in range(runs.subject_range[0], n_tok):
-        jobs = sorted(
-            ((kind, layer) for kind in kinds for layer in range(total)),
-            key=lambda job: _restored_layers(*job, window, total).start,
-        )
-        starts = [_restored_layers(*job, window, total).start for job in jobs]
-        for i, j in _plan_chunks(starts, samples, n_tok - token, total):
-            probs = _run_chunk(runs, jobs[i:j], starts[i], token, window)
+        for i, j in _chunks(len(jobs), samples, n_tok - token):
+            probs = _run_chunk(runs, jobs[i:j], starts[i:j], token, window)
             for (kind, layer), p in zip(jobs[i:j], probs.tolist()):
                 scores[kind][token, layer] = p
         tick()
