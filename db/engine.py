@@ -96,6 +96,29 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+# What SQLite says when the file, not the request, is the problem; each becomes a LedgerError that
+# names the ledger and what to do. The transaction was rolled back: nothing was written.
+_SQLITE_FAULTS = (
+    ("database is locked", "the ledger {where} is locked by another process (waited {ms} ms); try again when it "
+                           "has finished, or stop the other app using this --db"),
+    ("readonly database", "the ledger {where} is read-only (file permissions), so nothing was changed; make it "
+                          "writable (chmod 600) or start with --read-only"),
+    ("database or disk is full", "the disk holding the ledger {where} is full, so nothing was changed; "
+                                 "free some space"),
+    ("disk i/o error", "the ledger {where} could not be read or written (disk I/O error); the operation was "
+                       "not recorded"),
+)
+
+
+def _on_error(context: Any) -> None:
+    """Turn a SQLite fault of the file (locked, read-only, full, I/O) into a LedgerError a user can act on."""
+    text = str(context.original_exception).lower()
+    for needle, message in _SQLITE_FAULTS:
+        if needle in text:
+            where = describe(context.engine.url) if context.engine is not None else "file"
+            raise LedgerError(message.format(where=where, ms=BUSY_TIMEOUT_MS)) from context.original_exception
+
+
 def _on_begin(conn: Any) -> None:
     mode = "DEFERRED" if conn.get_execution_options().get(READ_ONLY) else "IMMEDIATE"
     conn.exec_driver_sql(f"BEGIN {mode}")
@@ -116,4 +139,5 @@ def create_ledger_engine(url: URL) -> Engine:
     engine = create_engine(url)
     event.listen(engine, "connect", _on_connect)
     event.listen(engine, "begin", _on_begin)
+    event.listen(engine, "handle_error", _on_error)
     return engine
