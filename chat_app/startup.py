@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from chat_app.service import EditService
+from db import LedgerError
 from editing import RankOneEdit
 
 log = logging.getLogger(__name__)
@@ -50,5 +51,8 @@ def replay(service: EditService, progress: Callable[[int, int], None] | None = N
     if mismatches:
         log.warning("replay: %d edits reproduced another parameter checksum than stored: %s", len(mismatches), mismatches)
     if records:
-        ledger.add_event(None, "replayed", actor="start-up", detail=f"{len(records)} edits replayed")
+        try:
+            ledger.add_event(None, "replayed", actor="start-up", detail=f"{len(records)} edits replayed")
+        except LedgerError as err:  # a read-only ledger file still serves chats and history
+            log.warning("could not record the replay: %s", err)
     return StartupReport(len(records), tuple(repaired), tuple(mismatches), time.perf_counter() - t0)
