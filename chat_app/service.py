@@ -9,6 +9,7 @@ lets chats run beside edit computations but never beside a weight change.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import threading
@@ -137,14 +138,21 @@ class EditService:
 
     def _guard(self, edit: RankOneEdit, allow_outlier: bool) -> str | None:
         """Why ``edit`` must be refused, or None."""
+        reason = self._unsafe(edit, allow_outlier)
+        if reason is None and edit.stats.get("target_prob", 1.0) < self.min_target_prob:
+            return f"the optimisation did not reach the target (probability {edit.stats['target_prob']:.3f})"
+        return reason
+
+    def _unsafe(self, edit: RankOneEdit, allow_outlier: bool) -> str | None:
+        """Why adding ``edit``'s update to the weights is unsafe (non-finite, or an outlier), or None."""
+        if not math.isfinite(edit.update_norm):
+            return "the update has non-finite values (its norm overflows float32)"
         norms = [e.update_norm for e in self.editor.applied]
         if len(norms) >= 3 and not allow_outlier:
             median = statistics.median(norms)
             if edit.update_norm > OUTLIER_FACTOR * median:
                 return (f"update norm {edit.update_norm:.3g} is over {OUTLIER_FACTOR:g}× the median of applied "
                         f"edits ({median:.3g}); apply with the override if this is intended")  # fmt: skip
-        if edit.stats.get("target_prob", 1.0) < self.min_target_prob:
-            return f"the optimisation did not reach the target (probability {edit.stats['target_prob']:.3f})"
         return None
 
     def apply(
@@ -236,15 +244,23 @@ class EditService:
                 raise
             return self.ledger.get(edit_id)
 
-    def import_edits(self, items: list[tuple[Any, ...]], actor: str | None = None) -> list[int]:
+    def import_edits(
+        self, items: list[tuple[Any, ...]], actor: str | None = None, allow_outlier: bool = False
+    ) -> list[int]:
         """Apply imported edits in order and record them in one transaction (all or nothing).
 
         Each item: ``(meta, factors, probes, note, author, answer_before, answer_after, edit)``.
+        An update that ``apply`` would refuse as non-finite or an outlier refuses the whole import.
         """
         self._writable()
         if not items:
             return []
         with self._edit_mutex:
+            for n, item in enumerate(items):
+                reason = self._unsafe(item[-1], allow_outlier)
+                if reason:
+                    prompt = item[-1].request.prompt
+                    raise ValueError(f"import refused: edit {n} of the file ({prompt!r:.80}): {reason}")
             try:
                 with self.weights.write():
                     entries = []
