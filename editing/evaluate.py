@@ -231,6 +231,7 @@ def run_evaluation(
     m = len(sample)
     total = m if mode == "independent" else m + len(methods) * (m + sum(_checkpoints(m, checkpoints)))
     run = _Run(model, tok, sample, seed, generation, progress, total)
+    run.tick(0)  # starts the clock of a progress bar
     checksum = tensor_checksum(model.get_parameter(mlp_out_param_name(model, layer)))
     start = time.perf_counter()
     if mode == "independent":
@@ -320,9 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, fraction: float) -> None:
-        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=100, desc=stage, unit="%", leave=True))
-        bar.n = round(100 * fraction, 1)
-        bar.refresh()
+        if stage not in bars:
+            for old in bars.values():
+                old.close()
+            bars[stage] = tqdm(total=100, desc=stage, bar_format="{l_bar}{bar}| [{elapsed}<{remaining}]")
+        bar = bars[stage]
+        bar.update(round(100 * fraction, 1) - bar.n)  # update(), not n=, so tqdm estimates the time left
 
     try:
         cases, skipped = load_cases(args.data)
