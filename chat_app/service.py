@@ -21,11 +21,13 @@ from chat_app.locks import RWLock
 from chat_app.probes import TopToken, complete, holds, stream_chat, top_next
 from db import EditRecord, EventRecord, Ledger, LedgerError
 from editing import EditRequest, RankOneEdit, RomeEditor
+from editing.arch import mlp_out_param_name
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
 OUTLIER_FACTOR = 20.0  # an update norm this many times the median of applied ones needs an override
 MIN_TARGET_PROB = 0.05  # below this after optimisation the edit did not take: refused
+MAX_NOTE_CHARS = 500  # as the form's note box; the API and the CLI are held to it here
 
 
 class ReadOnlyError(PermissionError):
@@ -155,6 +157,14 @@ class EditService:
                         f"edits ({median:.3g}); apply with the override if this is intended")  # fmt: skip
         return None
 
+    def _misfit(self, edit: RankOneEdit) -> str | None:
+        """Why an edit from elsewhere (a file) does not describe this model's parameter, or None."""
+        if not 0 <= edit.layer < self.editor.n_layers:
+            return f"layer {edit.layer} is out of range; this model has layers 0 to {self.editor.n_layers - 1}"
+        if edit.param_name != mlp_out_param_name(self.model, edit.layer):
+            return f"it names layer {edit.layer} but rewrites {edit.param_name}"
+        return None
+
     def apply(
         self, request: EditRequest, *, paraphrases: list[str] = (), neighbours: list[str] = (),  # type: ignore[assignment]
         note: str | None = None, author: str | None = None, allow_outlier: bool = False,
@@ -163,6 +173,8 @@ class EditService:
         """Compute, record, apply and verify an edit; supersede applied edits of the same subject and relation."""
         self._writable()
         prompts = self._probe_prompts(request, list(paraphrases), list(neighbours))
+        if note is not None and len(note) > MAX_NOTE_CHARS:
+            raise ValueError(f"notes are limited to {MAX_NOTE_CHARS} characters; this one has {len(note)}")
         actor = author or self.actor
         with self._edit_mutex:
             with self.weights.read():
@@ -250,14 +262,15 @@ class EditService:
         """Apply imported edits in order and record them in one transaction (all or nothing).
 
         Each item: ``(meta, factors, probes, note, author, answer_before, answer_after, edit)``.
-        An update that ``apply`` would refuse as non-finite or an outlier refuses the whole import.
+        An edit that does not fit this model's layers, or an update that ``apply`` would refuse as
+        non-finite or an outlier, refuses the whole import before anything changes.
         """
         self._writable()
         if not items:
             return []
         with self._edit_mutex:
             for n, item in enumerate(items):
-                reason = self._unsafe(item[-1], allow_outlier)
+                reason = self._misfit(item[-1]) or self._unsafe(item[-1], allow_outlier)
                 if reason:
                     prompt = item[-1].request.prompt
                     raise ValueError(f"import refused: edit {n} of the file ({prompt!r:.80}): {reason}")
