@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from chat_app.transfer import export_file, import_file
 from editing import EditRequest
 
 log = logging.getLogger(__name__)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -54,8 +56,13 @@ def _row(r: Any) -> dict[str, Any]:
             "created_at": r.created_at.isoformat(), "superseded_by": r.superseded_by}  # fmt: skip
 
 
+def _printable(text: str) -> str:
+    """Control characters (C0, DEL, C1) as escapes: text from the ledger or an import never drives the terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def _table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
-    cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in cols] for r in rows]
+    cells = [[_printable(str(r.get(c, "") if r.get(c) is not None else "")) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
