@@ -6,11 +6,12 @@ is the corrupted copies' mean probability of the answer; minus the corrupted bas
 the state's indirect effect.
 
 ``method="plain"`` is the reference: one forward pass per restoration. ``method="fast"``
-gives the same numbers from far less work: many restorations share a pass as batch rows,
-tokens before the restored one come from a key/value cache of the corrupted run (restoring
-token ``t`` changes nothing before ``t``), blocks below the first restored layer are run on a
-single row whose output is then replaced by the corrupted run's states, and only the last
-position is unembedded. The model's weights are unchanged on return and no hook outlives a call.
+gives the same numbers from less work. Restorations at one token share a pass as batch rows,
+each row joining the batch at its first restored layer, fed the corrupted run's state there
+(below that layer it would only repeat the corrupted run); tokens before the restored one are
+read from the corrupted run's key/value cache (restoring token ``t`` changes nothing before
+``t``, and nothing at all before the subject); only the last position is unembedded.
+The model's weights are unchanged on return, and no hook outlives a call.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from editing.arch import arch_of, get_module, layer_name, n_layers
 from editing.fingerprint import tensor_checksum
 from editing.loading import cache_dir
 from editing.nethook import capture_input, edit_output
-from editing.tokens import encode
+from editing.tokens import Encoded, encode
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,14 @@ def embedding_std(
         except (ValueError, KeyError, TypeError) as err:
             log.warning("noise cache %s is unreadable (%s); rebuilding", path.name, err)
     texts = read_corpus()[:n_texts]
-    ids = [i for t in texts for i in tok(t, truncation=True, max_length=256)["input_ids"]]
+    ids = [i for t in texts for i in tok(t, truncation=True, max_length=256, add_special_tokens=False)["input_ids"]]
     with torch.no_grad():
         vectors = embed(torch.tensor(ids, device=embed.weight.device))  # (tokens, d)
     std = float(vectors.double().std())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"std": std, "n_texts": len(texts), "n_tokens": len(ids)}))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"std": std, "n_texts": len(texts), "n_tokens": len(ids)}))
+    tmp.replace(path)
     return std
 
 
@@ -292,7 +295,19 @@ def _trace_fast(runs: _Runs, kinds: Sequence[str], window: int, tick: Callable[[
     return scores
 
 
-def _validate(prompt: str, subject: str, expected: str | None, samples: int, window: int, kinds, method: str):
+def _prepare(model: PreTrainedModel, enc: Encoded, answer_id: int | None, kinds: Sequence[str], noise: torch.Tensor):
+    """The clean and corrupted runs every restoration reuses, and the clean probability of the answer."""
+    ids = torch.tensor([enc.input_ids], device=next(model.parameters()).device)
+    subject_range = (enc.subject_first, enc.subject_last + 1)
+    logits, clean = _clean_run(model, ids, kinds)
+    answer_id = int(logits.argmax()) if answer_id is None else answer_id
+    inputs, cache, corrupted_logits = _corrupted_run(model, ids, subject_range, noise)
+    corrupted_prob = float(_answer_prob(corrupted_logits, answer_id).mean())
+    runs = _Runs(model, ids, subject_range, noise, answer_id, clean, inputs, cache, corrupted_prob)
+    return runs, float(_answer_prob(logits, answer_id))
+
+
+def _validate(prompt, subject, expected, samples, window, kinds, method, noise) -> None:
     for field, value in (("prompt", prompt), ("subject", subject)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{field} is empty; type the {field} of the fact to trace")
@@ -309,6 +324,8 @@ def _validate(prompt: str, subject: str, expected: str | None, samples: int, win
         raise ValueError(f"kinds must be some of {', '.join(KINDS)}; got {list(kinds)!r}")
     if method not in ("fast", "plain"):
         raise ValueError(f"method must be 'fast' or 'plain', got {method!r}")
+    if noise is not None and not 0 <= noise < float("inf"):
+        raise ValueError(f"noise must be a finite standard deviation ≥ 0, got {noise!r}")
 
 
 def _model_name(model: PreTrainedModel) -> str:
@@ -340,28 +357,17 @@ def trace(
     Deterministic for a given ``seed``; ``method="fast"`` and ``"plain"`` agree to float tolerance.
     """
     kinds = tuple(dict.fromkeys(kinds))
-    _validate(prompt, subject, expected, samples, window, kinds, method)
+    _validate(prompt, subject, expected, samples, window, kinds, method, noise)
     if model.training:
         raise ValueError("the model is in training mode (dropout makes the trace random); call model.eval()")
-    start = prompt.index(subject)
-    enc = encode(tok, prompt, start, start + len(subject))
-    subject_range = (enc.subject_first, enc.subject_last + 1)
-    device = next(model.parameters()).device
-    ids = torch.tensor([enc.input_ids], device=device)
-    logits, clean = _clean_run(model, ids, kinds)
-    if expected is None:
-        answer_id = int(logits.argmax())
-    else:
-        answer_id = encode(tok, prompt, start, start + len(subject), expected.strip()).input_ids[enc.n_prompt]
+    start, end = prompt.index(subject), prompt.index(subject) + len(subject)
+    enc = encode(tok, prompt, start, end)
+    answer_id = None if expected is None else encode(tok, prompt, start, end, expected.strip()).input_ids[enc.n_prompt]
     level = 3 * embedding_std(model, tok) if noise is None else float(noise)
-    if level < 0:
-        raise ValueError(f"noise must be ≥ 0, got {level}")
-    noise_t = make_noise(model, samples, subject_range[1] - subject_range[0], level, seed)
-    inputs, cache, corrupted_logits = _corrupted_run(model, ids, subject_range, noise_t)
-    corrupted_prob = float(_answer_prob(corrupted_logits, answer_id).mean())
-    runs = _Runs(model, ids, subject_range, noise_t, answer_id, clean, inputs, cache, corrupted_prob)
-
-    steps = len(kinds) * ids.shape[1] * n_layers(model) if method == "plain" else ids.shape[1] - subject_range[0]
+    noise_t = make_noise(model, samples, enc.subject_last + 1 - enc.subject_first, level, seed)
+    runs, clean_prob = _prepare(model, enc, answer_id, kinds, noise_t)
+    n_tok = len(enc.input_ids)
+    steps = len(kinds) * n_tok * n_layers(model) if method == "plain" else n_tok - enc.subject_first
     done = [0]
 
     def tick() -> None:
@@ -374,11 +380,11 @@ def trace(
         prompt=prompt,
         subject=subject,
         tokens=[tok.decode([i]) for i in enc.input_ids],
-        subject_range=subject_range,
-        answer=tok.decode([answer_id]),
-        answer_id=answer_id,
-        clean_prob=float(_answer_prob(logits, answer_id)),
-        corrupted_prob=corrupted_prob,
+        subject_range=runs.subject_range,
+        answer=tok.decode([runs.answer_id]),
+        answer_id=runs.answer_id,
+        clean_prob=clean_prob,
+        corrupted_prob=runs.corrupted_prob,
         scores=scores,
         noise=level,
         samples=samples,

@@ -18,11 +18,12 @@ SUBJECT = "eiffel tower"  # tokens 1 and 2
 NOISE = 1.0  # explicit, so tiny models need no corpus
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy machine thread hand-offs dominate."""
+@pytest.fixture(autouse=True)
+def one_thread(request: pytest.FixtureRequest):
+    """Tiny models gain nothing from threads, and on a busy machine thread hand-offs dominate."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if "default_model" not in request.node.name:
+        torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 
@@ -95,6 +96,39 @@ def test_fast_and_plain_agree(model, tok, subject: str) -> None:
         torch.testing.assert_close(fast.scores[kind], plain.scores[kind], atol=1e-5, rtol=0)
 
 
+def test_fast_agrees_when_restorations_are_split_over_passes(model, tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    from editing import tracing
+
+    plain = trace(model, tok, PROMPT, SUBJECT, noise=NOISE, window=3, samples=2, method="plain")
+    monkeypatch.setattr(tracing, "MAX_ROWS", 5)  # two jobs of two rows per pass
+    fast = trace(model, tok, PROMPT, SUBJECT, noise=NOISE, window=3, samples=2, method="fast")
+    for kind in KINDS:
+        torch.testing.assert_close(fast.scores[kind], plain.scores[kind], atol=1e-5, rtol=0)
+
+
+def test_progress_reaches_one(model, tok) -> None:
+    seen: list[tuple[str, float]] = []
+    trace(model, tok, PROMPT, SUBJECT, noise=NOISE, samples=1, progress=lambda stage, f: seen.append((stage, f)))
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+
+
+def test_default_noise_is_three_embedding_stds_cached_on_disk(model, tok, tmp_path, monkeypatch) -> None:
+    from editing import stats, tracing
+
+    monkeypatch.setenv("ROME_CHAT_CACHE", str(tmp_path))
+    monkeypatch.setattr(stats, "read_corpus", lambda: ["the big red apple is on the table"] * 3)
+    std = tracing.embedding_std(model, tok)
+    assert len(list((tmp_path / "noise").glob("*.json"))) == 1
+
+    def no_corpus():
+        raise AssertionError("the cached value should have been used")
+
+    monkeypatch.setattr(stats, "read_corpus", no_corpus)
+    result = trace(model, tok, PROMPT, SUBJECT, samples=1, kinds=("hidden",))
+    assert result.noise == pytest.approx(3 * std)
+
+
 def test_same_seed_reproduces_another_differs(model, tok) -> None:
     args = dict(noise=NOISE, window=2, samples=2, kinds=("hidden",))
     first = trace(model, tok, PROMPT, SUBJECT, seed=1, **args)
@@ -147,7 +181,7 @@ def test_default_model_traces_the_eiffel_tower(tmp_path) -> None:
     from editing.trace_plot import plot_trace
 
     model, tokenizer = load_model(None)
-    result = trace(model, tokenizer, "The Eiffel Tower is located in the city of", "The Eiffel Tower", samples=3)
+    result = trace(model, tokenizer, "The Eiffel Tower is located in the city of", "The Eiffel Tower", samples=2)
     assert isinstance(result, TraceResult) and result.answer == " Paris"
     assert result.clean_prob > result.corrupted_prob
     path = tmp_path / "eiffel.png"
