@@ -94,14 +94,13 @@ def _wire_chat(service: EditService, c: SimpleNamespace) -> None:
         return cleared, conv, orig, conv, orig
 
     private = {"api_visibility": "private"}
-    streaming = gr.on([c.message.submit, c.send.click], submit, [c.message, c.conv, c.orig],
-                      [c.message, c.conv, c.orig, c.chatbot, c.original], queue=False, **private).success(
+    gr.on([c.message.submit, c.send.click], submit, [c.message, c.conv, c.orig],
+          [c.message, c.conv, c.orig, c.chatbot, c.original], queue=False, **private).success(
         respond, [c.conv, c.orig, c.system, c.temperature, c.max_new, c.compare],
         [c.chatbot, c.original, c.conv, c.orig], **private,
     )  # fmt: skip
     c.compare.change(lambda on: gr.Chatbot(visible=on), c.compare, c.original, queue=False, **private)
-    c.clear.click(lambda: ([], [], [], []), None, [c.chatbot, c.original, c.conv, c.orig], queue=False,
-                  cancels=[streaming], **private)  # fmt: skip
+    c.clear.click(lambda: ([], [], [], []), None, [c.chatbot, c.original, c.conv, c.orig], queue=False, **private)
     gr.api(chat, api_name="chat")
 
 
@@ -111,12 +110,13 @@ def _wire_form(h: Handlers, f: SimpleNamespace, filters: list, views: list) -> N
           api_name="conflicts")  # fmt: skip
     gr.on([f.preview.click, f.subject.submit, f.target.submit], h.preview, fact, [f.completion, f.top, f.conflict],
           api_name="preview")  # fmt: skip
-    f.apply.click(
+    applied = f.apply.click(
         h.apply, [*fact, f.paraphrases, f.neighbours, f.layer, f.steps, f.lr, f.kl, f.note], [f.result, f.probes],
         api_name="apply_edit", **WEIGHTS,
-    ).then(h.refresh, filters, views, api_visibility="private").then(  # refresh even after a refusal
-        lambda: "", None, f.conflict, api_visibility="private"  # the result now says what was superseded
     )  # fmt: skip
+    applied.then(h.refresh, filters, views, api_visibility="private")  # also after a refusal: it is in the ledger
+    applied.success(lambda *fields: ("", *h.preview(*fields)[:2]), fact, [f.conflict, f.completion, f.top],
+                    api_visibility="private")  # fmt: skip  (the result says what was superseded; show the new answer)
 
 
 def _wire_history(h: Handlers, v: SimpleNamespace, filters: list, views: list, tab: gr.Tab) -> None:

@@ -104,8 +104,10 @@ def record_detail(record: EditRecord, events: Sequence[EventRecord]) -> str:
         lines.append(f"- **refused / failed because** {esc(record.refusal_reason)}")
     stats = record.meta.get("stats") or {}
     if stats:
-        shown = {k: stats[k] for k in ("steps", "target_prob", "update_norm", "stats_s", "value_s") if k in stats}
-        lines.append("- **computation** " + ", ".join(f"{k} = {_number(v)}" for k, v in shown.items()))
+        labels = {"steps": "{} steps", "target_prob": "target probability {}", "update_norm": "update norm {}",
+                  "stats_s": "statistics {} s", "value_s": "optimisation {} s"}  # fmt: skip
+        shown = [label.format(_number(stats[k])) for k, label in labels.items() if k in stats]
+        lines.append("- **computation** " + " · ".join(shown))
     if record.probes:
         lines += ["", "**Checks at apply time**", ""]
         lines += [f"- {esc(p.get('kind'))}: {code(p.get('prompt'))} → {code(p.get('after') or '—')} "
@@ -118,7 +120,7 @@ def record_detail(record: EditRecord, events: Sequence[EventRecord]) -> str:
 
 
 def _number(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else esc(value)
+    return f"{value:.3g}" if isinstance(value, float) else esc(value)
 
 
 def verify_frame(items: Sequence[Any]) -> pd.DataFrame:

@@ -52,8 +52,10 @@ def test_invalid_edit_is_refused_with_a_message_and_nothing_recorded(client: obj
 
     with pytest.raises(AppError, match="exactly one"):
         client.predict(*apply_args("The Eiffel Tower", "is located in", "Rome"), api_name="/apply_edit")
-    with pytest.raises(AppError, match="out of range"):
+    with pytest.raises(AppError, match="maximum value 29|out of range"):
         client.predict(*apply_args(*FACT, layer=99), api_name="/apply_edit")
+    with pytest.raises(AppError, match="kl_factor must be in"):
+        client.predict(*apply_args(*FACT)[:8], 1000.0, "", api_name="/apply_edit")
     assert rows(client) == []
 
 

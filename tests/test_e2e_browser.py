@@ -76,11 +76,16 @@ def settled_text(locator: object, timeout_s: float, quiet_s: float = 3.0) -> str
 def ask(page: object, question: str) -> str:
     """A fresh conversation with one question; the edited model's reply."""
     tab(page, "Chat")
-    page.get_by_role("button", name="Clear conversation").click()
-    page.wait_for_function("() => !document.querySelector('#chat-edited [data-testid=\"user\"]')")
+    if page.locator("#chat-edited [data-testid='user']").count():  # clear, and let the clearing land first
+        page.get_by_role("button", name="Clear conversation").click()
+        page.wait_for_function("() => !document.querySelector('#chat-edited [data-testid=\"user\"]')")
     page.locator("#chat-input textarea").fill(question)
     page.locator("#chat-send").click()
-    return settled_text(page.locator("#chat-edited [data-testid='bot']").last, REPLY_TIMEOUT_S)
+    try:
+        return settled_text(page.locator("#chat-edited [data-testid='bot']").last, REPLY_TIMEOUT_S)
+    except TimeoutError as err:
+        shot(page, "failure")
+        raise TimeoutError(f"{err}; the chat shows: {page.locator('#chat-edited').inner_text()!r}") from err
 
 
 def wait_for_text(locator: object, needle: str, timeout_s: float) -> str:
@@ -109,6 +114,7 @@ def test_correct_a_fact_see_it_in_chat_and_history_then_revert(page: object) -> 
     assert "1 edit active" in page.locator("#banner").inner_text()
     shot(page, "2-correct-a-fact")
 
+    tab(page, "Chat")
     page.locator("#chat-compare input").check()
     after = ask(page, QUESTION)
     assert "rome" in after.lower(), after
@@ -120,7 +126,7 @@ def test_correct_a_fact_see_it_in_chat_and_history_then_revert(page: object) -> 
     table = page.locator("#history-table")
     wait_for_text(table, "Eiffel Tower", 30)
     assert "applied" in table.inner_text()
-    table.get_by_text("Eiffel Tower").first.click()
+    table.get_by_text("Eiffel Tower").filter(visible=True).first.click()
     wait_for_text(page.locator("#history-detail"), "Audit trail", 30)
     page.locator("#history-revert").click()
     wait_for_text(page.locator("#history-action"), "Reverted edit #1", 120)
@@ -128,6 +134,7 @@ def test_correct_a_fact_see_it_in_chat_and_history_then_revert(page: object) -> 
     assert "0 edits active" in page.locator("#banner").inner_text()
     shot(page, "4-history")
 
+    tab(page, "Chat")
     page.locator("#chat-compare input").uncheck()
     reverted = ask(page, QUESTION)
     assert "rome" not in reverted.lower(), reverted
