@@ -202,7 +202,7 @@ def parse_records(records: Sequence[object]) -> tuple[list[Case], Skipped]:
             if not isinstance(record, dict):
                 raise ValueError("record is not an object")
             cases.append(_check(_READERS[fmt](record, index)))
-        except ValueError as err:
+        except (ValueError, TypeError, KeyError, AttributeError) as err:  # any malformed record is skipped
             skipped.add(index, str(err))
     if skipped.count:
         log.warning("skipped %d of %d records: %s", skipped.count, len(records), skipped.by_reason())
