@@ -37,9 +37,10 @@ WEIGHTS = {"concurrency_id": "weights", "concurrency_limit": 1}  # edits queue b
 
 
 def theme() -> gr.themes.Base:
+    """System fonts only: the app is often run offline, where web fonts never load."""
     system_fonts = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica Neue", "Arial", "sans-serif"]
     return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", font=system_fonts,
-                          font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])  # fmt: skip  (works offline)
+                          font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])  # fmt: skip
 
 
 def build_ui(service: EditService) -> gr.Blocks:
@@ -140,10 +141,11 @@ def _wire_locate(service: EditService, loc: SimpleNamespace, form: SimpleNamespa
     if not loc.enabled:
         return
 
-    def trace(prompt: str, subject: str, expected: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
-        return ui_locate.locate(service, prompt, subject, expected, progress)
+    def trace(prompt: str, subject: str, expected: str, samples: int,
+              progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008  # fmt: skip
+        return ui_locate.locate(service, prompt, subject, expected, samples, progress)
 
-    loc.trace.click(trace, [loc.prompt, loc.subject, loc.expected], [loc.plot, loc.summary, loc.found],
+    loc.trace.click(trace, [loc.prompt, loc.subject, loc.expected, loc.samples], [loc.plot, loc.summary, loc.found],
                     api_name="locate", concurrency_id="trace", concurrency_limit=1)  # fmt: skip
     loc.carry.click(ui_locate.carry, loc.found, [form.subject, form.relation, form.layer, form.advanced, tabs],
                     api_visibility="private")  # fmt: skip

@@ -209,7 +209,8 @@ class Handlers:
         chosen = whole(edit_id, "edit id")
         with user_errors():
             record = self.service.revert(chosen)
-        return f"Reverted edit #{record.id}: the model no longer holds {render.code(record.target)}.", self.detail(chosen)
+        text = f"Reverted edit #{record.id}: the model no longer holds {render.code(record.target)}."
+        return text, self.detail(chosen)
 
     def reapply(self, edit_id: Any) -> tuple[str, str]:
         chosen = whole(edit_id, "edit id")

@@ -48,7 +48,8 @@ def form_tab(service: EditService) -> SimpleNamespace:
         with gr.Column(scale=3):
             f.subject = gr.Textbox(label="Subject", placeholder="The Eiffel Tower", elem_id="form-subject")
             f.relation = gr.Dropdown(COMMON_RELATIONS, value=COMMON_RELATIONS[0], allow_custom_value=True,
-                                     label="Relation ({} is where the subject goes)", elem_id="form-relation")  # fmt: skip
+                                     label="Relation ({} is where the subject goes)",
+                                     elem_id="form-relation")  # fmt: skip
             f.target = gr.Textbox(label="New object", placeholder="Rome", elem_id="form-target")
             f.conflict = gr.Markdown(elem_id="form-conflict")
             with gr.Row():
@@ -68,7 +69,8 @@ def form_tab(service: EditService) -> SimpleNamespace:
                 f.apply = gr.Button("Apply edit", variant="primary", interactive=not service.read_only,
                                     elem_id="form-apply")  # fmt: skip
         with gr.Column(scale=2):
-            f.completion = gr.Markdown("*Preview shows the model's current completion here.*", elem_id="form-completion")
+            f.completion = gr.Markdown("*Preview shows the model's current completion here.*",
+                                       elem_id="form-completion")  # fmt: skip
             f.top = gr.Label(num_top_classes=5, label="Top next tokens", show_label=True)
     f.result = gr.Markdown(elem_id="form-result")
     f.probes = gr.Dataframe(headers=render.PROBE_HEADERS, datatype=render.PROBE_TYPES, interactive=False, wrap=True,
@@ -122,11 +124,13 @@ def locate_tab() -> SimpleNamespace:
     with gr.Row():
         loc.prompt = gr.Textbox(label="Prompt", placeholder="The Eiffel Tower is located in the city of", scale=3)
         loc.subject = gr.Textbox(label="Subject (as written in the prompt)", placeholder="The Eiffel Tower", scale=2)
-        loc.expected = gr.Textbox(label="Answer to score (optional)", placeholder="the model's own answer", scale=1)
-    with gr.Row():
-        loc.trace = gr.Button("Trace", variant="primary")
-        loc.carry = gr.Button("Use subject, relation and layer in the form")
+        loc.expected = gr.Textbox(label="Answer to score (optional)", placeholder="the model's own answer", scale=2)
+    with gr.Row(equal_height=True):
+        loc.samples = gr.Slider(1, 20, value=ui_locate.DEFAULT_SAMPLES, step=1, scale=2,
+                                label="Noise samples (fewer: faster, noisier)")  # fmt: skip
+        loc.trace = gr.Button("Trace", variant="primary", scale=1)
+        loc.carry = gr.Button("Use subject, relation and layer in the form", scale=1)
     loc.summary = gr.Markdown()
-    loc.plot = gr.Plot(label="Causal trace: hidden state, MLP and attention")
+    loc.plot = gr.Plot(label="Causal trace: hidden state, MLP and attention", show_label=False)
     loc.found = gr.State(None)
     return loc

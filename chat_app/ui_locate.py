@@ -17,6 +17,7 @@ from chat_app.service import EditService
 
 log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 300
+DEFAULT_SAMPLES = 10  # noise samples per trace (the paper's choice); the tab lets the user trade it for speed
 
 
 def available() -> bool:
@@ -31,16 +32,16 @@ def relation_of(prompt: str, subject: str) -> str:
 
 
 def trace_fact(service: EditService, prompt: str, subject: str, expected: str | None = None,
-               progress: Any = None) -> Any:  # fmt: skip
-    """``editing.tracing.trace`` on the service's current model, under its read lock."""
+               samples: int = DEFAULT_SAMPLES, progress: Any = None) -> Any:  # fmt: skip
+    """``editing.tracing.trace`` on the service's current (edited) model, under its read lock."""
     from editing.tracing import trace
 
     with service.weights.read():
-        return trace(service.model, service.tok, prompt, subject, expected or None, progress=progress)
+        return trace(service.model, service.tok, prompt, subject, expected or None, samples=samples, progress=progress)
 
 
 def locate(
-    service: EditService, prompt: str, subject: str, expected: str | None = None,
+    service: EditService, prompt: str, subject: str, expected: str | None = None, samples: Any = DEFAULT_SAMPLES,
     progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
 ) -> tuple[Any, str, dict[str, Any] | None]:  # fmt: skip
     """Trace the fact; return the heatmaps figure, a summary and what "use in the form" carries."""
@@ -57,7 +58,8 @@ def locate(
     try:
         relation = relation_of(prompt, subject)
         progress(0.0, desc="Tracing: corrupting the subject and restoring states one by one")
-        result = trace_fact(service, prompt, subject, expected, lambda _stage, f: progress(f, desc="Tracing"))
+        result = trace_fact(service, prompt, subject, (expected or "").strip() or None, int(samples),
+                            lambda _stage, f: progress(f, desc="Tracing: restoring states one by one"))  # fmt: skip
     except ValueError as err:
         raise gr.Error(str(err), print_exception=False) from err
     layer = suggest_layer(result)

@@ -9,19 +9,19 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Sequence
+from datetime import timezone
 from typing import Any
 
 import pandas as pd
 
 from db import EditRecord, EventRecord
 
-HISTORY_HEADERS = ["id", "time", "subject", "relation", "old → new answer", "layer", "status"]
+HISTORY_HEADERS = ["id", "time (UTC)", "subject", "relation", "old → new answer", "layer", "status"]
 HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "number", "str"]
 PROBE_HEADERS = ["check", "prompt", "expected", "before", "after", "holds"]
 PROBE_TYPES = ["str", "markdown", "markdown", "markdown", "markdown", "str"]
 VERIFY_HEADERS = ["id", "fact", "new object", "probes holding", "holds"]
 VERIFY_TYPES = ["number", "markdown", "markdown", "str", "str"]
-EVENT_HEADERS = ["time", "event", "by", "detail"]
 CELL_CHARS = 160  # longer text is cut in table cells (the detail view shows it whole)
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~$=:])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -47,7 +47,12 @@ def code(text: object) -> str:
 
 
 def when(moment: Any) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else ""
+    """A ledger time (aware, UTC) as ``YYYY-MM-DD HH:MM:SS`` in UTC."""
+    if moment is None:
+        return ""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def status_mark(status: str) -> str:
@@ -94,7 +99,7 @@ def record_detail(record: EditRecord, events: Sequence[EventRecord]) -> str:
         "",
         f"- **subject** {code(record.subject)}; **relation** {code(record.relation)}; **layer** {record.layer}",
         f"- **answer before** {code(record.answer_before or '—')}; **after** {code(record.answer_after or '—')}",
-        f"- **created** {when(record.created_at)} by {esc(record.author or 'unknown')}",
+        f"- **created** {when(record.created_at)} UTC by {esc(record.author or 'unknown')}",
     ]
     if record.note:
         lines.append(f"- **note** {esc(record.note)}")
@@ -113,7 +118,7 @@ def record_detail(record: EditRecord, events: Sequence[EventRecord]) -> str:
         lines += [f"- {esc(p.get('kind'))}: {code(p.get('prompt'))} → {code(p.get('after') or '—')} "
                   f"{'✓' if p.get('holds') else '✗'}" for p in record.probes]  # fmt: skip
     if events:
-        lines += ["", "**Audit trail**", "", "| time | event | by | detail |", "| --- | --- | --- | --- |"]
+        lines += ["", "**Audit trail**", "", "| time (UTC) | event | by | detail |", "| --- | --- | --- | --- |"]
         lines += [f"| {when(e.at)} | {esc(e.kind)} | {esc(e.actor or '')} | {esc(e.detail or '', 300)} |"
                   for e in events]  # fmt: skip
     return "\n".join(lines)
@@ -126,7 +131,8 @@ def _number(value: Any) -> str:
 def verify_frame(items: Sequence[Any]) -> pd.DataFrame:
     rows = [
         [item.edit_id, esc(item.relation.replace("{}", item.subject), CELL_CHARS), esc(item.target, CELL_CHARS),
-         f"{sum(bool(p['holds']) for p in item.probes)}/{len(item.probes)}", "✓ holds" if item.holds else "✗ broken"]
+         f"{sum(bool(p['holds']) for p in item.probes)}/{len(item.probes)}",
+         "✓ holds" if item.holds else "✗ broken"]
         for item in items
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=VERIFY_HEADERS)
@@ -149,4 +155,5 @@ def conflict_notice(conflicts: Sequence[EditRecord], target: str | None = None) 
     olds = "; ".join(f"#{r.id} → {code(r.target)}" for r in conflicts)
     new = f" with {code(target)}" if target and target.strip() else ""
     return (f"⚠ **This fact was already edited** ({olds}). Applying will supersede "
-            f"{'it' if len(conflicts) == 1 else 'them'}{new}; the old edit stays in History and can be re-applied.")  # fmt: skip
+            f"{'it' if len(conflicts) == 1 else 'them'}{new}; the old edit stays in History "
+            "and can be re-applied.")  # fmt: skip
