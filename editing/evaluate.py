@@ -272,22 +272,24 @@ def format_table(result: EvalResult) -> str:
 def plot_curves(result: EvalResult, path: Path) -> None:
     """Efficacy, neighbourhood score and fluency against the number of edits, and each update's norm."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(11, 4), layout="constrained")
     scores, flu, norms = fig.subplots(1, 3)
-    for method, points in result.curves.items():
-        edits = [k for k, _ in points]
-        scores.plot(edits, [r["ES"] for _, r in points], marker="o", label=f"{method} ES")
-        scores.plot(edits, [r["NS"] for _, r in points], marker="s", ls="--", label=f"{method} NS")
-        flu.plot(edits, [r["fluency"] for _, r in points], marker="o", label=method)
-    for method, values in result.update_norms.items():
-        norms.plot(range(1, len(values) + 1), values, label=method)
+    for k, (method, points) in enumerate(result.curves.items()):
+        edits, color = [n for n, _ in points], f"C{k}"
+        scores.plot(edits, [r["ES"] for _, r in points], marker="o", color=color, label=f"{method} ES")
+        scores.plot(edits, [r["NS"] for _, r in points], marker="s", ls="--", color=color, label=f"{method} NS")
+        flu.plot(edits, [r["fluency"] for _, r in points], marker="o", color=color, label=method)
+        values = result.update_norms.get(method, ())
+        norms.plot(range(1, len(values) + 1), values, color=color, label=method)
     for ax, title, ylabel in (
         (scores, "success on the edited cases", "%"),
         (flu, "generation fluency", "n-gram entropy (bits)"),
         (norms, "norm of each update", "||ΔW||"),
     ):
         ax.set(title=title, xlabel="number of edits", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
     norms.set_yscale("log")
     fig.savefig(path, dpi=120)
