@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--value-templates", type=int, nargs="+", default=[21])
     ap.add_argument("--lr", type=float, nargs="+", default=[0.5])
     ap.add_argument("--method", default="fast")
+    ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     model, tok = load_model()
     editor = RomeEditor(model, tok, method=args.method)
@@ -65,6 +66,8 @@ def main() -> None:
             steps.append(edit.stats["steps"])
             rows.append(scores(model, tok, case))
             editor.revert(edit)
+            if args.verbose:
+                print(f"  case {case.case_id}: steps {steps[-1]} time {times[-1]:.1f}s ES/PS/NS {rows[-1]}", flush=True)
         mean = lambda i: 100 * statistics.mean(r[i] for r in rows)  # noqa: E731
         print(f"{layer:5d} {n_samples:7d} {vt:6d} {lr:4.2f} {mean(0):5.1f} {mean(1):5.1f} {mean(2):5.1f} "
               f"{statistics.median(times):8.2f} {statistics.mean(steps):6.1f}", flush=True)  # fmt: skip
