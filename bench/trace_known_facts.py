@@ -58,8 +58,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.data.is_file():
         print(f"skipped: {args.data} is absent (it ships in the project's shared/ folder)", file=sys.stderr)
         return
@@ -99,7 +102,8 @@ def main() -> None:
     effects = {k: sums[k] / counts.clamp(min=1) for k in KINDS}
     report(effects, used, checked, clean_probs, corrupted_probs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig = plot_average_effects(effects, POSITIONS, "SmolLM2-135M-Instruct, average indirect effect", used, window=10)
+    title = f"SmolLM2-135M-Instruct, average indirect effect, {args.samples} noise samples"
+    fig = plot_average_effects(effects, POSITIONS, title, used, window=10)
     fig.savefig(args.out, dpi=120)
     print(f"picture: {args.out}")
 

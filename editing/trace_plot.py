@@ -21,7 +21,7 @@ _STYLE = {  # kind -> (colour map, panel title, x-axis label)
 
 
 def _new_figure(n_panels: int, n_rows: int) -> Figure:
-    fig = Figure(figsize=(4.6 * n_panels, 1.6 + 0.32 * n_rows), layout="constrained")
+    fig = Figure(figsize=(4.6 * n_panels, 1.8 + 0.32 * max(n_rows, 6)), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -64,6 +64,6 @@ def plot_average_effects(
         ax.set_yticks(range(len(row_labels)), list(row_labels), fontsize=8)
         ax.set_title(f"average effect of {panel[len('restoring ') :]}", fontsize=10)
         ax.set_xlabel(xlabel.format(window=window))
-        fig.colorbar(image, ax=ax).set_label("average indirect effect on p(answer)")
+        fig.colorbar(image, ax=ax).set_label("average indirect effect")
     fig.suptitle(f"{title} (n = {n_facts} facts)", fontsize=10)
     return fig
