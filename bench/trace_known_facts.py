@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -51,6 +52,54 @@ def knows(model, tok, record: dict) -> bool:
     return bool(top) and bool(attribute) and top == tok.decode(attribute[:1]).strip().lower()
 
 
+def traced_facts(
+    model, tok, records: list[dict], n: int, samples: int, noise: float, seed: int
+) -> Iterator[TraceResult]:
+    """Traces of the first ``n`` records the model knows, with a progress bar."""
+    with tqdm(total=n, desc="tracing known facts", unit="fact") as bar:
+        for record in records:
+            if bar.n >= n:
+                return
+            if not knows(model, tok, record):
+                continue
+            try:
+                yield trace(model, tok, record["prompt"], record["subject"], samples=samples, noise=noise, seed=seed)
+            except ValueError as err:
+                log.warning("skipping %r: %s", record["prompt"], err)
+                continue
+            bar.update()
+
+
+def average_effects(results: list[TraceResult], n_layers: int) -> dict[str, torch.Tensor]:
+    """Per kind, (positions, layers): the indirect effect averaged over the facts that have each position."""
+    sums = {k: torch.zeros(len(POSITIONS), n_layers, dtype=torch.float64) for k in KINDS}
+    counts = torch.zeros(len(POSITIONS), 1, dtype=torch.float64)
+    for result in results:
+        for row, tokens in enumerate(position_rows(result)):
+            if tokens:
+                counts[row] += 1
+                for kind in KINDS:
+                    sums[kind][row] += result.indirect_effect(kind)[tokens].double().mean(0)
+    return {k: sums[k] / counts.clamp(min=1) for k in KINDS}
+
+
+def report(effects: dict[str, torch.Tensor], results: list[TraceResult]) -> None:
+    last = POSITIONS.index("last subject token")
+    n = len(results)
+    print(f"facts traced: {n}")
+    clean, corrupted = sum(r.clean_prob for r in results) / n, sum(r.corrupted_prob for r in results) / n
+    print(f"mean p(answer): clean {clean:.3f}, corrupted {corrupted:.3f}")
+    for kind in KINDS:
+        row = effects[kind][last]
+        layer, value = int(row.argmax()), float(row.max())
+        print(f"{kind:>6}: largest average effect at the last subject token: layer {layer} ({value:.4f})")
+    print("MLP average indirect effect at the last subject token, by layer (centre of a 10-layer window):")
+    mlp = effects["mlp"][last]
+    scale = 40 / max(float(mlp.max()), 1e-9)
+    for layer, value in enumerate(mlp.tolist()):
+        print(f"  layer {layer:>2}  {value:+.4f}  {'#' * max(0, round(value * scale))}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100, help="facts to trace (default 100)")
@@ -69,55 +118,16 @@ def main() -> None:
     records = json.loads(args.data.read_text())
     model, tok = load_model(None)
     noise = 3 * embedding_std(model, tok)
-    n_layers = model.config.num_hidden_layers
-    sums = {k: torch.zeros(len(POSITIONS), n_layers, dtype=torch.float64) for k in KINDS}
-    counts = torch.zeros(len(POSITIONS), 1, dtype=torch.float64)
-    used = checked = 0
-    clean_probs, corrupted_probs = [], []
-    bar = tqdm(total=args.n, desc="tracing known facts", unit="fact")
-    for record in records:
-        if used >= args.n:
-            break
-        checked += 1
-        if not knows(model, tok, record):
-            continue
-        try:
-            result = trace(model, tok, record["prompt"], record["subject"], samples=args.samples, noise=noise, seed=args.seed)
-        except ValueError as err:
-            log.warning("skipping %r: %s", record["prompt"], err)
-            continue
-        for row, tokens in enumerate(position_rows(result)):
-            if tokens:
-                counts[row] += 1
-                for kind in KINDS:
-                    sums[kind][row] += result.indirect_effect(kind)[tokens].double().mean(0)
-        clean_probs.append(result.clean_prob)
-        corrupted_probs.append(result.corrupted_prob)
-        used += 1
-        bar.update()
-    bar.close()
-    if used == 0:
+    results = list(traced_facts(model, tok, records, args.n, args.samples, noise, args.seed))
+    if not results:
         print("no known fact found", file=sys.stderr)
         return
-    effects = {k: sums[k] / counts.clamp(min=1) for k in KINDS}
-    report(effects, used, checked, clean_probs, corrupted_probs)
+    effects = average_effects(results, model.config.num_hidden_layers)
+    report(effects, results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     title = f"SmolLM2-135M-Instruct, average indirect effect, {args.samples} noise samples"
-    fig = plot_average_effects(effects, POSITIONS, title, used, window=10)
-    fig.savefig(args.out, dpi=120)
+    plot_average_effects(effects, POSITIONS, title, len(results), window=10).savefig(args.out, dpi=120)
     print(f"picture: {args.out}")
-
-
-def report(effects: dict[str, torch.Tensor], used: int, checked: int, clean: list[float], corrupted: list[float]) -> None:
-    last = POSITIONS.index("last subject token")
-    print(f"facts traced: {used} (known among the first {checked} records)")
-    print(f"mean p(answer): clean {sum(clean) / used:.3f}, corrupted {sum(corrupted) / used:.3f}")
-    for kind in KINDS:
-        row = effects[kind][last]
-        print(f"{kind:>6}: largest average effect at the last subject token at layer {int(row.argmax())} ({float(row.max()):.4f})")
-    print("MLP average indirect effect at the last subject token, by layer (centre of a 10-layer window):")
-    for layer, value in enumerate(effects["mlp"][last].tolist()):
-        print(f"  layer {layer:>2}  {value:+.4f}  {'#' * max(0, round(value * 400))}")
 
 
 if __name__ == "__main__":

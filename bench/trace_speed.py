@@ -46,7 +46,8 @@ def main() -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"torch threads: {torch.get_num_threads()}, CPUs: {os.cpu_count()}, load average: {load}")
     print(f"noise std: {noise:.4f}, samples: {args.samples}, all three kinds, window 10")
-    print(f"{'prompt':<46} {'tokens':>6} {'fast s':>8} {'(cpu)':>7} {'plain s':>8} {'(cpu)':>7} {'ratio':>6} {'max |Δ|':>9}")
+    header = f"{'prompt':<46} {'tokens':>6} {'fast s':>8} {'(cpu)':>7} {'plain s':>8} {'(cpu)':>7} {'ratio':>6}"
+    print(header + f" {'max |Δ|':>9}")
     for prompt, subject in PROMPTS if args.more else PROMPTS[:1]:
         def run(method: str):
             return trace(model, tok, prompt, subject, samples=args.samples, noise=noise, method=method)

@@ -215,11 +215,11 @@ def _restore_hooks(runs: _Runs, jobs: Sequence[tuple[str, int]], window: int, to
 
         return fn
 
-    device = runs.ids.device
-    return [
-        edit_output(model, layer_name(model, j, _PART[kind]), setter(torch.tensor(r, device=device), runs.clean[kind][j, token]))
-        for (kind, j), r in rows.items()
-    ]
+    hooks = []
+    for (kind, j), r in rows.items():
+        index = torch.tensor(r, device=runs.ids.device)
+        hooks.append(edit_output(model, layer_name(model, j, _PART[kind]), setter(index, runs.clean[kind][j, token])))
+    return hooks
 
 
 def _trace_plain(runs: _Runs, kinds: Sequence[str], window: int, tick: Callable[[], None]) -> dict[str, torch.Tensor]:
@@ -249,8 +249,10 @@ def _chunks(n_jobs: int, samples: int, n_tok: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _run_chunk(runs: _Runs, jobs: Sequence[tuple[str, int]], starts: Sequence[int], token: int, window: int) -> torch.Tensor:
-    """Mean answer probability (len(jobs),) of restorations at ``token``; ``starts``: their first restored layers, sorted.
+def _run_chunk(
+    runs: _Runs, jobs: Sequence[tuple[str, int]], starts: list[int], token: int, window: int
+) -> torch.Tensor:
+    """Mean answer probability (len(jobs),) of restorations at ``token``; ``starts``: first restored layers, sorted.
 
     Job ``i``'s rows join the batch at block ``starts[i]``, fed the corrupted run's input there, so
     the rows active at any block are the first ones: below the first start a single placeholder
@@ -282,8 +284,9 @@ def _run_chunk(runs: _Runs, jobs: Sequence[tuple[str, int]], starts: Sequence[in
 
 def _trace_fast(runs: _Runs, kinds: Sequence[str], window: int, tick: Callable[[], None]) -> dict[str, torch.Tensor]:
     samples, n_tok, total = runs.noise.shape[0], runs.ids.shape[1], n_layers(runs.model)
-    jobs = sorted(((k, layer) for k in kinds for layer in range(total)), key=lambda j: _restored_layers(*j, window, total).start)
-    starts = [_restored_layers(*job, window, total).start for job in jobs]
+    first = {(k, layer): _restored_layers(k, layer, window, total).start for k in kinds for layer in range(total)}
+    jobs = sorted(first, key=first.__getitem__)
+    starts = [first[job] for job in jobs]
     # Before the subject the corrupted run equals the clean one: restoring there changes nothing.
     scores = {k: torch.full((n_tok, total), runs.corrupted_prob) for k in kinds}
     for token in range(runs.subject_range[0], n_tok):

@@ -54,7 +54,9 @@ def _llama(vocab: int) -> LlamaForCausalLM:
 
 def _gpt2(vocab: int) -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=vocab, n_layer=3, n_embd=32, n_head=4, n_positions=32, bos_token_id=None, eos_token_id=None)
+    config = GPT2Config(
+        vocab_size=vocab, n_layer=3, n_embd=32, n_head=4, n_positions=32, bos_token_id=None, eos_token_id=None
+    )
     return GPT2LMHeadModel(config).eval()
 
 
