@@ -111,7 +111,7 @@ def test_correct_a_fact_see_it_in_chat_and_history_then_revert(page: object) -> 
     page.locator("#form-apply").click()
     result = wait_for_text(page.locator("#form-result"), "applied", EDIT_TIMEOUT_S)
     assert "Edit #1 applied" in result
-    assert "1 edit active" in page.locator("#banner").inner_text()
+    wait_for_text(page.locator("#banner"), "1 edit active", 60)  # refreshed right after the result
     shot(page, "2-correct-a-fact")
 
     tab(page, "Chat")
@@ -131,7 +131,7 @@ def test_correct_a_fact_see_it_in_chat_and_history_then_revert(page: object) -> 
     page.locator("#history-revert").click()
     wait_for_text(page.locator("#history-action"), "Reverted edit #1", 120)
     wait_for_text(table, "reverted", 30)
-    assert "0 edits active" in page.locator("#banner").inner_text()
+    wait_for_text(page.locator("#banner"), "0 edits active", 60)
     shot(page, "4-history")
 
     tab(page, "Chat")
