@@ -30,6 +30,9 @@ class RomeHyperParams:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            kind = {"int": int, "float": (int, float), "str": str}.get(str(field.type))
+            if kind is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise ValueError(f"{field.name} must be {str(field.type).replace('float', 'a number').replace('int', 'a whole number').replace('str', 'text')}, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{field.name} must be a finite number, got {value}")
         checks = [
@@ -49,6 +52,10 @@ class RomeHyperParams:
                 raise ValueError(message)
 
     def replace(self, **changes: Any) -> RomeHyperParams:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ OTHER = EditRequest("The Colosseum", "{} is located in the city of", "london")
 def setup(request):  # type: ignore[no-untyped-def]
     tok = tiny_tokenizer()
     model = tiny_llama() if request.param == "llama" else tiny_gpt2()
-    return model, tok, tiny_editor(model, tok, layer=2 if request.param == "llama" else 1)
+    return model, tok, tiny_editor(model, tok, layer=2 if request.param == "llama" else 1, steps=12)
 
 
 def target_prob(model, tok, prompt: str, target: str) -> float:  # type: ignore[no-untyped-def]
