@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
@@ -310,7 +311,10 @@ def _prepare(model: PreTrainedModel, enc: Encoded, answer_id: int | None, kinds:
     return runs, float(_answer_prob(logits, answer_id))
 
 
-def _validate(prompt, subject, expected, samples, window, kinds, method, noise) -> None:
+def _validate(
+    prompt: str, subject: str, expected: str | None, samples: int, window: int, kinds: Sequence[str], method: str,
+    noise: float | None,
+) -> None:
     for field, value in (("prompt", prompt), ("subject", subject)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{field} is empty; type the {field} of the fact to trace")
@@ -318,22 +322,22 @@ def _validate(prompt, subject, expected, samples, window, kinds, method, noise) 
         raise ValueError("expected answer is empty; leave it out to trace the model's own top answer")
     if subject not in prompt:
         raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}; copy it exactly")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a whole number ≥ 1, got {samples!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a whole number ≥ 1, got {window!r}")
+    for field, number in (("samples", samples), ("window", window)):
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise ValueError(f"{field} must be a whole number ≥ 1, got {number!r}")
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"kinds must be some of {', '.join(KINDS)}; got {list(kinds)!r}")
     if method not in ("fast", "plain"):
         raise ValueError(f"method must be 'fast' or 'plain', got {method!r}")
-    if noise is not None and not 0 <= noise < float("inf"):
+    if noise is not None and not (isinstance(noise, (int, float)) and 0 <= noise < float("inf")):
         raise ValueError(f"noise must be a finite standard deviation ≥ 0, got {noise!r}")
 
 
 def _model_name(model: PreTrainedModel) -> str:
+    """The model folder's name, without the hash suffix the loader gives its converted copies."""
     name = str(getattr(model, "name_or_path", "") or getattr(model.config, "model_type", "model"))
-    return name.rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"-[0-9a-f]{16}$", "", name.rstrip("/").rsplit("/", 1)[-1])
 
 
 @torch.no_grad()
@@ -354,7 +358,7 @@ def trace(
 ) -> TraceResult:
     """Trace which states of ``model`` carry the answer to ``prompt`` about ``subject`` (first occurrence).
 
-    ``expected``: the answer whose first token is scored; by default the clean run's top token.
+    ``expected``: the answer whose first token (after a space) is scored; by default the clean run's top token.
     ``noise``: std of the subject's embedding noise; by default 3 × the embedding std over corpus text.
     ``window``: how many layers of MLP or attention outputs one restoration covers.
     Deterministic for a given ``seed``; ``method="fast"`` and ``"plain"`` agree to float tolerance.

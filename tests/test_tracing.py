@@ -183,7 +183,7 @@ def test_default_model_traces_the_eiffel_tower(tmp_path) -> None:
     from editing.trace_plot import plot_trace
 
     model, tokenizer = load_model(None)
-    result = trace(model, tokenizer, "The Eiffel Tower is located in the city of", "The Eiffel Tower", samples=2)
+    result = trace(model, tokenizer, "The Eiffel Tower is located in the city of", "The Eiffel Tower", samples=1)
     assert isinstance(result, TraceResult) and result.answer == " Paris"
     assert result.clean_prob > result.corrupted_prob
     path = tmp_path / "eiffel.png"
