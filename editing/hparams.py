@@ -23,7 +23,7 @@ class RomeHyperParams:
     kl_prompt: str = "{} is a"  # essence prompt kept stable by the KL term
     templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, count) of context prefixes
     value_templates: int = 21  # how many of the context prompts the value optimisation uses
-    stats_samples: int = 2000  # corpus texts for C = E[k k^T]
+    stats_samples: int = 1000  # corpus texts for C = E[k k^T] (measured: README)
     stats_max_tokens: int = 256  # each text is truncated to this many tokens
     seed: int = 0  # seeds template generation
 
