@@ -54,20 +54,21 @@ def knows(model, tok, record: dict) -> bool:
 
 def traced_facts(
     model, tok, records: list[dict], n: int, samples: int, noise: float, seed: int
-) -> Iterator[TraceResult]:
-    """Traces of the first ``n`` records the model knows, with a progress bar."""
+) -> Iterator[tuple[int, TraceResult]]:
+    """``(records checked so far, trace)`` for the first ``n`` records the model knows, with a progress bar."""
     with tqdm(total=n, desc="tracing known facts", unit="fact") as bar:
-        for record in records:
+        for checked, record in enumerate(records, start=1):
             if bar.n >= n:
                 return
             if not knows(model, tok, record):
                 continue
             try:
-                yield trace(model, tok, record["prompt"], record["subject"], samples=samples, noise=noise, seed=seed)
+                result = trace(model, tok, record["prompt"], record["subject"], samples=samples, noise=noise, seed=seed)
             except ValueError as err:
                 log.warning("skipping %r: %s", record["prompt"], err)
                 continue
             bar.update()
+            yield checked, result
 
 
 def average_effects(results: list[TraceResult], n_layers: int) -> dict[str, torch.Tensor]:
@@ -83,10 +84,10 @@ def average_effects(results: list[TraceResult], n_layers: int) -> dict[str, torc
     return {k: sums[k] / counts.clamp(min=1) for k in KINDS}
 
 
-def report(effects: dict[str, torch.Tensor], results: list[TraceResult]) -> None:
+def report(effects: dict[str, torch.Tensor], results: list[TraceResult], checked: int) -> None:
     last = POSITIONS.index("last subject token")
     n = len(results)
-    print(f"facts traced: {n}")
+    print(f"facts traced: {n} (known among the first {checked} records)")
     clean, corrupted = sum(r.clean_prob for r in results) / n, sum(r.corrupted_prob for r in results) / n
     print(f"mean p(answer): clean {clean:.3f}, corrupted {corrupted:.3f}")
     for kind in KINDS:
@@ -118,12 +119,13 @@ def main() -> None:
     records = json.loads(args.data.read_text())
     model, tok = load_model(None)
     noise = 3 * embedding_std(model, tok)
-    results = list(traced_facts(model, tok, records, args.n, args.samples, noise, args.seed))
-    if not results:
+    traced = list(traced_facts(model, tok, records, args.n, args.samples, noise, args.seed))
+    if not traced:
         print("no known fact found", file=sys.stderr)
         return
+    results = [result for _, result in traced]
     effects = average_effects(results, model.config.num_hidden_layers)
-    report(effects, results)
+    report(effects, results, checked=traced[-1][0])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     title = f"SmolLM2-135M-Instruct, average indirect effect, {args.samples} noise samples"
     plot_average_effects(effects, POSITIONS, title, len(results), window=10).savefig(args.out, dpi=120)

@@ -258,6 +258,8 @@ def _run_chunk(
     Job ``i``'s rows join the batch at block ``starts[i]``, fed the corrupted run's input there, so
     the rows active at any block are the first ones: below the first start a single placeholder
     row runs (its output is discarded), and no row repeats what the corrupted run already did.
+    This relies on the blocks broadcasting the single-row attention mask and position embeddings
+    over the rows, as transformers' decoder blocks do; the fast-versus-plain tests check it.
     """
     model, samples = runs.model, runs.noise.shape[0]
     active = [bisect_right(starts, block) * samples for block in range(n_layers(model))]  # rows per block
