@@ -78,14 +78,17 @@ def test_noise_touches_only_subject_tokens(model, tok) -> None:
     assert not embed._forward_hooks and not embed._forward_pre_hooks
 
 
-def test_restoring_the_last_state_brings_the_clean_probability_back(model, tok) -> None:
-    result = trace(model, tok, PROMPT, SUBJECT, noise=NOISE, window=2)
+@pytest.mark.parametrize("method", ["fast", "plain"])
+def test_restoring_the_last_state_brings_the_clean_probability_back(model, tok, method: str) -> None:
+    result = trace(model, tok, PROMPT, SUBJECT, noise=NOISE, window=2, method=method)
     assert result.subject_range == (1, 3)
     assert abs(result.corrupted_prob - result.clean_prob) > 1e-6  # the noise does something
     assert result.scores["hidden"][-1, -1].item() == pytest.approx(result.clean_prob, abs=1e-6)
-    # Before the subject the corrupted run is the clean one: restoring there changes nothing.
-    assert torch.allclose(result.scores["hidden"][0], torch.tensor(result.corrupted_prob), atol=1e-6)
-    assert 0 <= suggest_layer(result) < 4 if isinstance(model, LlamaForCausalLM) else 0 <= suggest_layer(result) < 3
+    # Before the subject the corrupted run is the clean one: restoring there changes nothing
+    # (the plain method computes these; the fast one relies on it).
+    for kind in KINDS:
+        assert torch.allclose(result.scores[kind][0], torch.tensor(result.corrupted_prob), atol=1e-6)
+    assert 0 <= suggest_layer(result) < model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("subject", [SUBJECT, "the eiffel"])  # the second starts at token 0: no cached prefix
