@@ -16,7 +16,7 @@ from editing.fingerprint import model_fingerprint, tensor_checksum
 from editing.nethook import replace_weights
 from editing.hparams import RomeHyperParams, default_hparams
 from editing.request import EditRequest
-from editing.rome import Progress, compute_key, rank_one_factors
+from editing.rome import Progress, compute_key, factor_cov, rank_one_factors
 from editing.rows import Row, key_row, kl_row, rewrite_row
 from editing.stats import second_moment
 from editing.templates import context_templates
@@ -52,6 +52,7 @@ class RomeEditor:
         self._baseline: dict[str, torch.Tensor] = {}
         self._applied: list[RankOneEdit] = []
         self._covs: dict[tuple[int, int], torch.Tensor] = {}
+        self._lus: dict[tuple[int, int], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._templates: list[str] | None = None
 
     # ----- preparation -------------------------------------------------------------
@@ -82,6 +83,14 @@ class RomeEditor:
                     self.hparams.stats_max_tokens, self.corpus, progress,
                 )  # fmt: skip
         return self._covs[(layer, n)]
+
+    def _cov_lu(self, layer: int, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """LU factors of ``cov(layer, n_samples)``, cached for as long as that matrix is the one in use."""
+        cov = self.cov(layer, n_samples)
+        cached = self._lus.get((layer, n_samples))
+        if cached is None or cached[0] is not cov:
+            cached = self._lus[(layer, n_samples)] = (cov, factor_cov(cov))
+        return cached[1]
 
     def rows(self, request: EditRequest, hp: RomeHyperParams) -> tuple[list[Row], list[Row], Row]:
         """Key rows, value rows and the KL row; raises ``ValueError`` if the request does not tokenise."""
@@ -117,7 +126,7 @@ class RomeEditor:
         t0 = time.perf_counter()
         result = optimise_value(self.model, hp, key, value_rows, kl, self.tok.pad_token_id, self.method, progress)
         timings["value_s"] = time.perf_counter() - t0
-        value_dir, key_dir = rank_one_factors(cov, key, result.delta)
+        value_dir, key_dir = rank_one_factors(cov, key, result.delta, self._cov_lu(hp.layer, hp.stats_samples))
         if not (torch.isfinite(value_dir).all() and torch.isfinite(key_dir).all()):
             raise FloatingPointError("the computed update has non-finite values")
         after = tensor_checksum(self._added(name, value_dir, key_dir))

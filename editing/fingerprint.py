@@ -11,7 +11,8 @@ def tensor_checksum(tensor: torch.Tensor) -> str:
     """SHA-256 of the tensor's bytes (dtype and shape included), device-independent."""
     data = tensor.detach().to("cpu").contiguous()
     digest = hashlib.sha256(f"{data.dtype}|{tuple(data.shape)}|".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    if data.numel():
+        digest.update(data.reshape(-1).view(torch.uint8).numpy())  # hashed from the buffer, no copy
     return digest.hexdigest()
 
 

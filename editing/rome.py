@@ -49,13 +49,21 @@ def value_at(model: PreTrainedModel, layer: int, key: torch.Tensor) -> torch.Ten
     return module(key.to(weight.dtype).unsqueeze(0))[0].float()
 
 
-def rank_one_factors(cov: torch.Tensor, key: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def factor_cov(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LU factors of C in float64 on the CPU, computed once per layer so each edit's solve is cheap."""
+    return torch.linalg.lu_factor(cov.double().cpu())
+
+
+def rank_one_factors(
+    cov: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, lu: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(value_dir, key_dir)`` with ``ΔW = value_dir ⊗ key_dir``: value_dir = delta, key_dir = C⁻¹k* / (k*ᵀ C⁻¹ k*).
 
-    Solved in float64; returned in float32 on the key's device.
+    Solved in float64 (with ``lu`` from ``factor_cov(cov)`` when given); returned in float32 on the key's device.
     """
     k = key.double().cpu()
-    c_inv_k = torch.linalg.solve(cov.double().cpu(), k)  # (d_in,)
+    factors = lu if lu is not None else factor_cov(cov)
+    c_inv_k = torch.linalg.lu_solve(*factors, k[:, None])[:, 0]  # (d_in,)
     denom = torch.dot(c_inv_k, k)
     if not torch.isfinite(denom) or denom <= 0:
         raise ValueError("the key statistics are degenerate for this subject (k*ᵀ C⁻¹ k* ≤ 0)")

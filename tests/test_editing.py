@@ -10,6 +10,7 @@ from editing import EditRequest, RankOneEdit, RomeHyperParams
 from editing.arch import get_module, layer_name
 from editing.fingerprint import tensor_checksum
 from editing.nethook import capture_input, edit_output
+from editing.rome import factor_cov, rank_one_factors
 from editing.tokens import encode
 from tests.tiny import tiny_editor, tiny_gpt2, tiny_llama, tiny_tokenizer
 
@@ -216,3 +217,16 @@ def test_low_precision_models_edit_and_revert_exactly(dtype: torch.dtype) -> Non
     assert param.dtype == dtype and not torch.equal(param, before[edit.param_name])
     editor.revert(edit)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+
+def test_cached_factorisation_gives_the_same_update() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, generator=gen, dtype=torch.float64)
+    cov, key, delta = a @ a.T + 0.1 * torch.eye(16, dtype=torch.float64), torch.randn(16, generator=gen), torch.randn(8)
+    direct = torch.linalg.solve(cov, key.double())
+    value_dir, key_dir = rank_one_factors(cov, key, delta, factor_cov(cov))
+    assert torch.equal(value_dir, delta)
+    assert torch.allclose(key_dir.double(), direct / direct.dot(key.double()), rtol=1e-5)
+    assert torch.equal(key_dir, rank_one_factors(cov, key, delta)[1])
+    assert torch.allclose(key_dir.double() @ key.double(), torch.tensor(1.0, dtype=torch.float64))
