@@ -128,6 +128,8 @@ def locate_tab() -> SimpleNamespace:
     with gr.Row(equal_height=True):
         loc.samples = gr.Slider(1, 20, value=ui_locate.DEFAULT_SAMPLES, step=1, scale=2,
                                 label="Noise samples (fewer: faster, noisier)")  # fmt: skip
+        loc.kinds = gr.CheckboxGroup(ui_locate.KIND_CHOICES, value=list(ui_locate.DEFAULT_KINDS), scale=2,
+                                     label="States to restore (MLP alone: about a third of the time)")  # fmt: skip
         loc.trace = gr.Button("Trace", variant="primary", scale=1)
         loc.carry = gr.Button("Use subject, relation and layer in the form", scale=1)
     loc.summary = gr.Markdown()

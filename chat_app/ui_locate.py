@@ -18,6 +18,8 @@ from chat_app.service import EditService
 log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 300
 DEFAULT_SAMPLES = 10  # noise samples per trace (the paper's choice); the tab lets the user trade it for speed
+KIND_CHOICES = [("MLP", "mlp"), ("Hidden states", "hidden"), ("Attention", "attn")]  # (label, trace kind)
+DEFAULT_KINDS = ("hidden", "mlp", "attn")  # all three heatmaps; MLP alone takes about a third of the time
 
 
 def available() -> bool:
@@ -32,17 +34,30 @@ def relation_of(prompt: str, subject: str) -> str:
 
 
 def trace_fact(service: EditService, prompt: str, subject: str, expected: str | None = None,
-               samples: int = DEFAULT_SAMPLES, progress: Any = None) -> Any:  # fmt: skip
+               samples: int = DEFAULT_SAMPLES, progress: Any = None, kinds: Any = DEFAULT_KINDS) -> Any:  # fmt: skip
     """``editing.tracing.trace`` on the service's current (edited) model, under its read lock."""
     from editing.tracing import trace
 
     with service.weights.read():
-        return trace(service.model, service.tok, prompt, subject, expected or None, samples=samples, progress=progress)
+        return trace(service.model, service.tok, prompt, subject, expected or None, samples=samples,
+                     progress=progress, kinds=tuple(kinds))  # fmt: skip
+
+
+def chosen_kinds(kinds: Any) -> tuple[str, ...]:
+    """The trace kinds ticked in the tab, in the paper's order; MLP is required (the suggested layer reads it)."""
+    picked = set(kinds or ())
+    if "mlp" not in picked:
+        raise ValueError("keep MLP ticked: the suggested layer comes from the MLP trace")
+    unknown = picked - set(DEFAULT_KINDS)
+    if unknown:
+        raise ValueError(f"unknown states to restore: {sorted(unknown)}; choose from {list(DEFAULT_KINDS)}")
+    return tuple(k for k in DEFAULT_KINDS if k in picked)
 
 
 def locate(
     service: EditService, prompt: str, subject: str, expected: str | None = None, samples: Any = DEFAULT_SAMPLES,
     progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
+    kinds: Any = DEFAULT_KINDS,
 ) -> tuple[Any, str, dict[str, Any] | None]:  # fmt: skip
     """Trace the fact; return the heatmaps figure, a summary and what "use in the form" carries."""
     if not available():
@@ -57,9 +72,10 @@ def locate(
         raise gr.Error(f"the prompt is limited to {MAX_PROMPT_CHARS} characters")
     try:
         relation = relation_of(prompt, subject)
+        picked = chosen_kinds(kinds)
         progress(0.0, desc="Tracing: corrupting the subject and restoring states one by one")
         result = trace_fact(service, prompt, subject, (expected or "").strip() or None, int(samples),
-                            lambda _stage, f: progress(f, desc="Tracing: restoring states one by one"))  # fmt: skip
+                            lambda _stage, f: progress(f, desc="Tracing: restoring states one by one"), picked)  # fmt: skip
     except ValueError as err:
         raise gr.Error(str(err), print_exception=False) from err
     layer = suggest_layer(result)

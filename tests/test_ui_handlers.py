@@ -200,6 +200,24 @@ def test_locate_turns_a_prompt_into_a_relation() -> None:
         ui_locate.relation_of("The Eiffel Tower is in", "the eiffel tower")
 
 
+def test_locate_traces_only_the_states_ticked(service: EditService, monkeypatch: pytest.MonkeyPatch) -> None:
+    import editing.tracing
+
+    monkeypatch.setattr(editing.tracing, "embedding_std", lambda *_a, **_k: 0.2)  # no corpus in a unit test
+    quiet = lambda *_a, **_k: None  # noqa: E731 - stands in for gr.Progress
+    prompt, subject = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
+    figure, summary, found = ui_locate.locate(service, prompt, subject, None, 2, quiet, ["attn", "mlp"])
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert len(titles) == 2 and "MLP" in " ".join(titles) and "Suggested layer" in summary
+    assert found == {"subject": subject, "relation": "{} is located in the city of", "layer": found["layer"]}
+    assert 0 <= found["layer"] < 3
+    mlp_only = ui_locate.trace_fact(service, prompt, subject, None, 2, None, ui_locate.chosen_kinds(["mlp"]))
+    assert list(mlp_only.scores) == ["mlp"]
+    with pytest.raises(gr.Error, match="keep MLP ticked"):
+        ui_locate.locate(service, prompt, subject, None, 2, quiet, ["hidden"])
+    assert ui_locate.chosen_kinds(["attn", "hidden", "mlp"]) == ui_locate.DEFAULT_KINDS
+
+
 def test_build_ui_names_the_api_endpoints(service: EditService) -> None:
     from chat_app.ui import build_ui
 
