@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 300
 DEFAULT_SAMPLES = 10  # noise samples per trace (the paper's choice); the tab lets the user trade it for speed
 KIND_CHOICES = [("MLP", "mlp"), ("Hidden states", "hidden"), ("Attention", "attn")]  # (label, trace kind)
+WEAK_SHARE = 0.5  # below this share of the strongest MLP effect, the last subject token's signal is weak
 DEFAULT_KINDS = ("hidden", "mlp", "attn")  # all three heatmaps; MLP alone takes about a third of the time
 
 
@@ -78,15 +79,37 @@ def locate(
                             lambda _stage, f: progress(f, desc="Tracing: restoring states one by one"), picked)  # fmt: skip
     except ValueError as err:
         raise gr.Error(str(err), print_exception=False) from err
-    layer = suggest_layer(result)
     figure = plot_trace(result, model_name=result.model_name)
+    layer, advice = layer_advice(result, suggest_layer(result), service.editor.hparams.layer)
     summary = (
         f"The model answers {render.code(result.answer)} (p = {result.clean_prob:.3f}; "
-        f"{result.corrupted_prob:.3f} with the subject corrupted). "
-        f"**Suggested layer: {layer}** — the MLP whose restoration at the last subject token "
-        f"brings the answer back the most."
+        f"{result.corrupted_prob:.3f} with the subject corrupted). {advice}"
     )
     return figure, summary, {"subject": subject, "relation": relation, "layer": layer}
+
+
+def layer_advice(result: Any, suggested: int, default_layer: int) -> tuple[int, str]:
+    """The layer to carry into the form, and why.
+
+    ROME edits at the last subject token. When the MLP effect there is under ``WEAK_SHARE`` of the
+    strongest MLP effect anywhere in the prompt, the trace does not point at a layer for that token,
+    and the model's measured default layer is the better choice.
+    """
+    effect = result.indirect_effect("mlp")  # (tokens, layers)
+    at_last = float(effect[result.last_subject_token, suggested])
+    token, layer = divmod(int(effect.argmax()), effect.shape[1])
+    strongest = float(effect[token, layer])
+    if strongest > 0 and at_last >= WEAK_SHARE * strongest:
+        return suggested, (
+            f"**Suggested layer: {suggested}**: the MLP whose restoration at the last subject token brings "
+            f"the answer back the most (indirect effect {at_last:.3f})."
+        )
+    return default_layer, (
+        f"The strongest MLP effect is at token {render.code(result.tokens[token])}, layer {layer} "
+        f"({strongest:.3f}). At the last subject token, where ROME edits, it is weak "
+        f"(at most {max(at_last, 0.0):.3f}, at layer {suggested}), so this trace does not choose a layer: "
+        f"**use the model's default layer {default_layer}**, chosen by CounterFact measurements."
+    )
 
 
 def carry(located: dict[str, Any] | None) -> tuple[str, str, int, Any, Any]:

@@ -5,6 +5,7 @@ threads and on headless machines; save one with ``fig.savefig("trace.png")``.
 """
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +22,7 @@ _STYLE = {  # kind -> (colour map, panel title, x-axis label)
 
 
 def _new_figure(n_panels: int, n_rows: int) -> Figure:
-    fig = Figure(figsize=(4.6 * n_panels, 1.8 + 0.32 * max(n_rows, 6)), layout="constrained")
+    fig = Figure(figsize=(max(4.6 * n_panels, 8.0), 1.8 + 0.32 * max(n_rows, 6)), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -43,9 +44,10 @@ def plot_trace(result: TraceResult, model_name: str | None = None) -> Figure:
         ax.set_xlabel(xlabel.format(window=result.window))
         bar = fig.colorbar(image, ax=ax)
         bar.set_label(f"p({result.answer!r})")
+    headline = f"{model_name or result.model_name}: {result.prompt!r} → {result.answer!r}"
     fig.suptitle(
-        f"{model_name or result.model_name}: {result.prompt!r} → {result.answer!r}  "
-        f"(clean p = {result.clean_prob:.3f}, corrupted p = {result.corrupted_prob:.3f})",
+        textwrap.fill(headline, width=int(13 * fig.get_figwidth()))
+        + f"\nclean p = {result.clean_prob:.3f}, corrupted p = {result.corrupted_prob:.3f}",
         fontsize=10,
     )
     return fig
