@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 def trace_to_png(settings: Settings, prompt: str, subject: str, out: str) -> int:
     from editing.trace_plot import plot_trace
-    from editing.tracing import suggest_layer, trace
+    from editing.tracing import strongest_mlp_site, suggest_layer, suggestion_is_weak, trace
 
     model, tok = load_model(settings.model, device=settings.device)
     try:
@@ -22,4 +22,8 @@ def trace_to_png(settings: Settings, prompt: str, subject: str, out: str) -> int
     name = settings.model or "SmolLM2-135M-Instruct"
     plot_trace(result, model_name=name).savefig(out, dpi=120, bbox_inches="tight")
     print(f"answer {result.answer!r} (p={result.clean_prob:.3f}); suggested layer {suggest_layer(result)}; saved {out}")
+    if suggestion_is_weak(result):
+        token, layer, effect = strongest_mlp_site(result)
+        print(f"note: the MLP signal at the last subject token is weak; the strongest MLP effect is at token "
+              f"{result.tokens[token]!r}, layer {layer} ({effect:.3f}), so prefer the model's default layer")  # fmt: skip
     return 0

@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 300
 DEFAULT_SAMPLES = 10  # noise samples per trace (the paper's choice); the tab lets the user trade it for speed
 KIND_CHOICES = [("MLP", "mlp"), ("Hidden states", "hidden"), ("Attention", "attn")]  # (label, trace kind)
-WEAK_SHARE = 0.5  # below this share of the strongest MLP effect, the last subject token's signal is weak
 DEFAULT_KINDS = ("hidden", "mlp", "attn")  # all three heatmaps; MLP alone takes about a third of the time
 
 
@@ -89,21 +88,16 @@ def locate(
 
 
 def layer_advice(result: Any, suggested: int, default_layer: int) -> tuple[int, str]:
-    """The layer to carry into the form, and why.
+    """The layer to carry into the form, and why: the suggestion, or the default when the trace's signal is weak."""
+    from editing.tracing import strongest_mlp_site, suggestion_is_weak
 
-    ROME edits at the last subject token. When the MLP effect there is under ``WEAK_SHARE`` of the
-    strongest MLP effect anywhere in the prompt, the trace does not point at a layer for that token,
-    and the model's measured default layer is the better choice.
-    """
-    effect = result.indirect_effect("mlp")  # (tokens, layers)
-    at_last = float(effect[result.last_subject_token, suggested])
-    token, layer = divmod(int(effect.argmax()), effect.shape[1])
-    strongest = float(effect[token, layer])
-    if strongest > 0 and at_last >= WEAK_SHARE * strongest:
+    at_last = float(result.indirect_effect("mlp")[result.last_subject_token, suggested])
+    if not suggestion_is_weak(result):
         return suggested, (
             f"**Suggested layer: {suggested}**: the MLP whose restoration at the last subject token brings "
             f"the answer back the most (indirect effect {at_last:.3f})."
         )
+    token, layer, strongest = strongest_mlp_site(result)
     return default_layer, (
         f"The strongest MLP effect is at token {render.code(result.tokens[token])}, layer {layer} "
         f"({strongest:.3f}). At the last subject token, where ROME edits, it is weak "

@@ -43,6 +43,7 @@ _PART = {"hidden": None, "mlp": "mlp", "attn": "attn"}  # kind -> part of block 
 NOISE_TEXTS = 200  # corpus texts whose token embeddings give the embedding std
 MAX_ROWS = 512  # batch rows per fast pass (rows × vocabulary logits must fit in memory)
 MAX_ROW_TOKENS = 8192  # rows × tokens per fast pass
+WEAK_SHARE = 0.5  # last subject token's MLP effect below this share of the strongest: no clear layer
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,24 @@ class TraceResult:
 def suggest_layer(result: TraceResult) -> int:
     """The layer whose MLP window restores the most at the last subject token."""
     return int(result.indirect_effect("mlp")[result.last_subject_token].argmax())
+
+
+def strongest_mlp_site(result: TraceResult) -> tuple[int, int, float]:
+    """``(token, layer, indirect effect)`` of the MLP window that restores the most anywhere in the prompt."""
+    effect = result.indirect_effect("mlp")
+    token, layer = divmod(int(effect.argmax()), effect.shape[1])
+    return token, layer, float(effect[token, layer])
+
+
+def suggestion_is_weak(result: TraceResult, share: float = WEAK_SHARE) -> bool:
+    """True when the last subject token's best MLP effect is under ``share`` of the strongest MLP effect.
+
+    ROME edits at the last subject token; when the fact sits elsewhere (e.g. a middle subject token,
+    as for several facts in SmolLM2), ``suggest_layer`` follows noise rather than a site.
+    """
+    strongest = strongest_mlp_site(result)[2]
+    at_last = float(result.indirect_effect("mlp")[result.last_subject_token, suggest_layer(result)])
+    return strongest <= 0 or at_last < share * strongest
 
 
 def embedding_std(

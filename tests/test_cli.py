@@ -60,3 +60,14 @@ def test_cli_errors_exit_non_zero_with_a_message(run) -> None:  # type: ignore[n
     assert code == 2 and "99" in err
     code, _, err = run("import", "/nonexistent/file.zip")
     assert code == 2 and "error:" in err
+
+
+def test_cli_trace_saves_a_picture_and_names_the_layer(run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("editing.tracing.embedding_std", lambda *_a, **_k: 0.3)  # no corpus read
+    out_png = tmp_path / "trace.png"
+    prompt = ("--prompt", "The Eiffel tower is in")
+    code, out, _ = run("trace", *prompt, "--subject", "The Eiffel tower", "--out", str(out_png))
+    assert code == 0 and out_png.stat().st_size > 1000
+    assert "suggested layer" in out and str(out_png) in out
+    code, out, _ = run("trace", *prompt, "--subject", "Big Ben", "--out", str(out_png))
+    assert code == 2 and "error" in out
