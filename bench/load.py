@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,20 +194,6 @@ def start_app(model: str | None, db: str, port: int, env: dict[str, str], log: P
         return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_serving(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the app exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"the app did not serve {url} within {timeout_s:.0f} s")
-
-
 def greedy_answers(url: str) -> list[str]:
     client = _client(url, LoadPlan(), None)
     return [client.predict(q, "", 0.0, 16, False, api_name="/chat") for q in QUESTIONS]
@@ -261,13 +246,13 @@ def main() -> None:
     if args.tiny:
         env.update(ROME_CHAT_CACHE=str(folder / "cache"), ROME_CHAT_MIN_TARGET_PROB="0")
         model = _tiny_model(folder, env)
-    from tests.ui_server import free_port
+    from tests.ui_server import free_port, wait_until_serving
 
     db, port = str(folder / "ledger.db"), free_port()
     url = f"http://127.0.0.1:{port}/"
     proc = start_app(model, db, port, env, folder / "server.log")
     try:
-        wait_serving(proc, url, 600)
+        wait_until_serving(proc, url, folder / "server.log", timeout_s=600)
         print(f"app on {url} (model {model or 'default'}); {plan.clients} chat clients × {plan.chats_per_client} "
               f"questions, {plan.edits} edits ({plan.steps} steps), a revert every {plan.revert_every}",
               flush=True)  # fmt: skip

@@ -63,8 +63,6 @@ def locate(
     if not available():
         raise gr.Error("causal tracing is not installed in this version (editing.tracing / editing.trace_plot)")
     from editing.trace_plot import plot_trace
-    from editing.tracing import suggest_layer
-
     prompt, subject = (prompt or "").strip(), (subject or "").strip()
     if not prompt or not subject:
         raise gr.Error("type a prompt and the subject it mentions")
@@ -79,7 +77,7 @@ def locate(
     except ValueError as err:
         raise gr.Error(str(err), print_exception=False) from err
     figure = plot_trace(result, model_name=result.model_name)
-    layer, advice = layer_advice(result, suggest_layer(result), service.editor.hparams.layer)
+    layer, advice = layer_advice(result, service.editor.hparams.layer)
     summary = (
         f"The model answers {render.code(result.answer)} (p = {result.clean_prob:.3f}; "
         f"{result.corrupted_prob:.3f} with the subject corrupted). {advice}"
@@ -87,10 +85,11 @@ def locate(
     return figure, summary, {"subject": subject, "relation": relation, "layer": layer}
 
 
-def layer_advice(result: Any, suggested: int, default_layer: int) -> tuple[int, str]:
+def layer_advice(result: Any, default_layer: int) -> tuple[int, str]:
     """The layer to carry into the form, and why: the suggestion, or the default when the trace's signal is weak."""
-    from editing.tracing import strongest_mlp_site, suggestion_is_weak
+    from editing.tracing import strongest_mlp_site, suggest_layer, suggestion_is_weak
 
+    suggested = suggest_layer(result)
     at_last = float(result.indirect_effect("mlp")[result.last_subject_token, suggested])
     if not suggestion_is_weak(result):
         return suggested, (

@@ -20,6 +20,7 @@ from editing.tracing import (
     suggestion_is_weak,
     trace,
 )
+from tests.tiny import mlp_trace
 
 WORDS = "the eiffel tower is located in city of paris rome a big red apple on table".split()
 PROMPT = "the eiffel tower is located in the city of"
@@ -204,16 +205,10 @@ def test_default_model_traces_the_eiffel_tower(tmp_path) -> None:
 
 
 def test_weak_suggestion_is_flagged_and_the_strongest_site_named() -> None:
-    def result(mlp: list[list[float]]) -> TraceResult:
-        return TraceResult(prompt="a b c", subject="a b", tokens=["a", " b", " c"], subject_range=(0, 2),
-                           answer=" x", answer_id=0, clean_prob=0.9, corrupted_prob=0.1,
-                           scores={"mlp": torch.tensor(mlp)}, noise=0.1, samples=2, window=2, seed=0,
-                           model_name="tiny")  # fmt: skip
-
-    strong = result([[0.2, 0.3, 0.1], [0.1, 0.6, 0.2], [0.1, 0.1, 0.1]])
+    strong = mlp_trace([[0.2, 0.3, 0.1], [0.1, 0.6, 0.2], [0.1, 0.1, 0.1]])
     assert suggest_layer(strong) == 1 and not suggestion_is_weak(strong)
     assert strongest_mlp_site(strong) == (1, 1, pytest.approx(0.5))
-    elsewhere = result([[0.2, 0.8, 0.1], [0.1, 0.15, 0.12], [0.1, 0.1, 0.1]])
+    elsewhere = mlp_trace([[0.2, 0.8, 0.1], [0.1, 0.15, 0.12], [0.1, 0.1, 0.1]])
     assert suggestion_is_weak(elsewhere) and strongest_mlp_site(elsewhere)[:2] == (0, 1)
     assert not suggestion_is_weak(elsewhere, share=0.05)
-    assert suggestion_is_weak(result([[0.1, 0.1, 0.1]] * 3))  # no effect anywhere
+    assert suggestion_is_weak(mlp_trace([[0.1, 0.1, 0.1]] * 3))  # no effect anywhere

@@ -17,6 +17,7 @@ from chat_app.startup import replay
 from chat_app.ui_handlers import COMMON_RELATIONS, Handlers, stage_progress
 from db import Ledger
 from editing import RomeEditor, RomeHyperParams
+from tests.tiny import mlp_trace
 
 WORDS = ("the eiffel tower is located in city of paris rome london a an capital france italy louvre "
          "where was born works for user assistant system hello hi b script img alert x").split()  # fmt: skip
@@ -219,24 +220,15 @@ def test_locate_traces_only_the_states_ticked(service: EditService, monkeypatch:
     assert ui_locate.chosen_kinds(["attn", "hidden", "mlp"]) == ui_locate.DEFAULT_KINDS
 
 
-def _mlp_trace(scores: list[list[float]], subject_range: tuple[int, int]) -> object:
-    from editing.tracing import TraceResult
-
-    table = torch.tensor(scores)
-    return TraceResult(prompt="a b c", subject="a b", tokens=["a", " b", " c"], subject_range=subject_range,
-                       answer=" x", answer_id=0, clean_prob=0.9, corrupted_prob=0.1, scores={"mlp": table},
-                       noise=0.1, samples=2, window=2, seed=0, model_name="tiny")  # fmt: skip
-
-
 def test_layer_advice_follows_a_strong_last_subject_token_and_falls_back_when_weak() -> None:
-    strong = _mlp_trace([[0.2, 0.3, 0.1], [0.1, 0.6, 0.2], [0.1, 0.1, 0.1]], (0, 2))
-    assert ui_locate.layer_advice(strong, 1, 9)[0] == 1
+    strong = mlp_trace([[0.2, 0.3, 0.1], [0.1, 0.6, 0.2], [0.1, 0.1, 0.1]])
+    assert ui_locate.layer_advice(strong, 9)[0] == 1
     # The decisive site is the first subject token; the last subject token barely restores anything.
-    weak = _mlp_trace([[0.2, 0.8, 0.1], [0.1, 0.15, 0.12], [0.1, 0.1, 0.1]], (0, 2))
-    layer, text = ui_locate.layer_advice(weak, 1, 9)
+    weak = mlp_trace([[0.2, 0.8, 0.1], [0.1, 0.15, 0.12], [0.1, 0.1, 0.1]])
+    layer, text = ui_locate.layer_advice(weak, 9)
     assert layer == 9 and "default layer 9" in text and "“a”" in text and "layer 1" in text
-    flat = _mlp_trace([[0.1, 0.1, 0.1]] * 3, (0, 2))  # no effect anywhere: nothing to follow
-    assert ui_locate.layer_advice(flat, 0, 9)[0] == 9
+    flat = mlp_trace([[0.1, 0.1, 0.1]] * 3)  # no effect anywhere: nothing to follow
+    assert ui_locate.layer_advice(flat, 9)[0] == 9
 
 
 def test_build_ui_names_the_api_endpoints(service: EditService) -> None:

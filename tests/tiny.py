@@ -71,3 +71,13 @@ def tiny_editor(model, tok, layer: int = 1, **hp):  # type: ignore[no-untyped-de
         cov, _ = compute_second_moment(model, tok, lay, CORPUS)
         editor._covs[(lay, params["stats_samples"])] = cov + 1e-3 * torch.eye(cov.shape[0], dtype=torch.float64)
     return editor
+
+
+def mlp_trace(mlp: list[list[float]]):  # type: ignore[no-untyped-def]
+    """A TraceResult for the 3-token prompt "a b c" (subject "a b") with the given MLP scores (tokens × layers)."""
+    from editing.tracing import TraceResult
+
+    return TraceResult(prompt="a b c", subject="a b", tokens=["a", " b", " c"], subject_range=(0, 2),
+                       answer=" x", answer_id=0, clean_prob=0.9, corrupted_prob=0.1,
+                       scores={"mlp": torch.tensor(mlp)}, noise=0.1, samples=2, window=2, seed=0,
+                       model_name="tiny")  # fmt: skip

@@ -51,8 +51,8 @@ def running_app(ledger: Path, log_path: Path) -> Iterator[str]:
                 proc.wait()
 
 
-def wait_until_serving(proc: subprocess.Popen, url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
+def wait_until_serving(proc: subprocess.Popen, url: str, log_path: Path, timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
@@ -63,4 +63,4 @@ def wait_until_serving(proc: subprocess.Popen, url: str, log_path: Path) -> None
         except OSError:
             pass
         time.sleep(1)
-    raise TimeoutError(f"the app did not serve {url} within {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+    raise TimeoutError(f"the app did not serve {url} within {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
