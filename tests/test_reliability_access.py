@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 
 import app
-from bench.load import wait_serving
 from editing import EditRequest
 from tests.reliability_helpers import ROOT, app_env, cli_runner, in_process_app, one_thread, tiny_app_on_disk
-from tests.ui_server import free_port
+from tests.ui_server import free_port, wait_until_serving
 
 USER, SECRET = "ana", "Tr0ub4dor&3-not-in-any-log"
 FACT = EditRequest("The Eiffel tower", "Located in {}", "rome")
@@ -116,7 +115,7 @@ def server(disk: dict[str, Path]) -> Iterator[dict[str, Any]]:
         proc = subprocess.Popen(argv, cwd=ROOT, env=app_env(disk["cache"]), stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}/"
-            wait_serving(proc, url, 240)
+            wait_until_serving(proc, url, log_path, timeout_s=240)
             yield {"url": url, "port": port, "log": log_path, "proc": proc}
         finally:
             proc.terminate()
