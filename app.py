@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     trace.add_argument("--prompt", required=True)
     trace.add_argument("--subject", required=True)
     trace.add_argument("--out", default="trace.png")
+    trace.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                       help="matrix products in bfloat16 (faster where the CPU has it) or float32 (exact)")  # fmt: skip
     sub.add_parser("evaluate", help="CounterFact / zsRE evaluation (see: app.py evaluate --help)", add_help=False)
     return parser.parse_known_args(argv)[0] if (argv or sys.argv[1:])[:1] == ["evaluate"] else parser.parse_args(argv)
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "trace":
         from chat_app.tracing_cli import trace_to_png
 
-        return trace_to_png(settings, args.prompt, args.subject, args.out)
+        return trace_to_png(settings, args.prompt, args.subject, args.out, args.precision)
     if args.command:
         from chat_app.cli import main as cli_main
 

@@ -5,6 +5,9 @@
 
 Both methods run in this process on the default model; the figures are wall-clock and CPU
 seconds for all three heatmaps, their ratio, and the largest difference between the scores.
+The fast method runs once per ``--precision`` (default: float32, exact, then bfloat16); the
+bfloat16 row's ratio and difference are against the float32 fast run, and both rows name the
+layer each would suggest. The plain reference runs in float32.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import time
 import torch
 
 from editing.loading import load_model
-from editing.tracing import KINDS, embedding_std, trace
+from editing.tracing import KINDS, bfloat16_twin, embedding_std, suggest_layer, trace
 
 PROMPTS = [
     ("The Eiffel Tower is located in the city of", "The Eiffel Tower"),
@@ -37,6 +40,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--fast-only", action="store_true", help="skip the slow reference method")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="states to restore")
+    parser.add_argument("--precision", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"),
+                        help="arithmetic of the fast runs (the plain reference is float32)")  # fmt: skip
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="time the first trace cold (default: one short trace per precision first)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -47,20 +54,37 @@ def main() -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"torch threads: {torch.get_num_threads()}, CPUs: {os.cpu_count()}, load average: {load}")
     print(f"noise std: {noise:.4f}, samples: {args.samples}, kinds: {' '.join(args.kinds)}, window 10")
-    header = f"{'prompt':<46} {'tokens':>6} {'fast s':>8} {'(cpu)':>7} {'plain s':>8} {'(cpu)':>7} {'ratio':>6}"
-    print(header + f" {'max |Δ|':>9}")
+    print(f"{'prompt':<46} {'tokens':>6} {'method':<16} {'wall s':>7} {'(cpu)':>7} {'speed-up':>8} {'max |Δ|':>9}"
+          f" {'layer':>5}")  # fmt: skip
     for prompt, subject in PROMPTS if args.more else PROMPTS[:1]:
-        def run(method: str):
+        def run(method: str, precision: str = "float32"):
             return trace(model, tok, prompt, subject, samples=args.samples, noise=noise, method=method,
-                         kinds=args.kinds)
+                         kinds=args.kinds, precision=precision)  # fmt: skip
 
-        fast, fast_wall, fast_cpu = _timed(lambda: run("fast"))
-        row = f"{prompt:<46} {len(fast.tokens):>6} {fast_wall:>8.1f} {fast_cpu:>7.1f}"
+        def row(name: str, result, wall: float, cpu: float, base=None, base_wall: float | None = None) -> None:
+            ratio = f"{base_wall / wall:>7.1f}x" if base_wall else f"{'':>8}"
+            diff = max(float((result.scores[k] - base.scores[k]).abs().max()) for k in args.kinds) if base else None
+            layer = suggest_layer(result) if "mlp" in args.kinds else "-"
+            print(f"{prompt:<46} {len(result.tokens):>6} {name:<16} {wall:>7.1f} {cpu:>7.1f} {ratio} "
+                  f"{'' if diff is None else f'{diff:.2e}':>9} {layer:>5}", flush=True)  # fmt: skip
+
+        fast: dict[str, tuple] = {}
+        for precision in args.precision:
+            if precision == "bfloat16":
+                bfloat16_twin(model)  # built once per weight state, outside the timing
+            if args.warmup:  # the kernels' first calls (oneDNN builds them per shape) stay out of the timing
+                trace(model, tok, prompt, subject, samples=1, noise=noise, kinds=["mlp"], precision=precision)
+            fast[precision] = _timed(lambda: run("fast", precision))
+            ref = fast.get("float32") if precision != "float32" else None
+            row(f"fast {precision}", *fast[precision], *((ref[0], ref[1]) if ref else ()))
         if not args.fast_only:
             plain, plain_wall, plain_cpu = _timed(lambda: run("plain"))
-            diff = max(float((fast.scores[k] - plain.scores[k]).abs().max()) for k in args.kinds)
-            row += f" {plain_wall:>8.1f} {plain_cpu:>7.1f} {plain_wall / fast_wall:>6.1f} {diff:>9.2e}"
-        print(row + f"   answer {fast.answer!r} p={fast.clean_prob:.3f}", flush=True)
+            print(f"{prompt:<46} {len(plain.tokens):>6} {'plain float32':<16} {plain_wall:>7.1f} {plain_cpu:>7.1f}")
+            for precision, (result, wall, _cpu) in fast.items():
+                diff = max(float((result.scores[k] - plain.scores[k]).abs().max()) for k in args.kinds)
+                print(f"  fast {precision} against plain: {plain_wall / wall:.1f}x faster, max |Δ| {diff:.2e}")
+        answer = next(iter(fast.values()))[0]
+        print(f"  answer {answer.answer!r} p={answer.clean_prob:.3f}", flush=True)
 
 
 if __name__ == "__main__":

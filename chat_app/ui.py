@@ -141,11 +141,11 @@ def _wire_locate(service: EditService, loc: SimpleNamespace, form: SimpleNamespa
     if not loc.enabled:
         return
 
-    def trace(prompt: str, subject: str, expected: str, samples: int, kinds: list[str],
+    def trace(prompt: str, subject: str, expected: str, samples: int, kinds: list[str], precision: str,
               progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008  # fmt: skip
-        return ui_locate.locate(service, prompt, subject, expected, samples, progress, kinds)
+        return ui_locate.locate(service, prompt, subject, expected, samples, progress, kinds, precision)
 
-    loc.trace.click(trace, [loc.prompt, loc.subject, loc.expected, loc.samples, loc.kinds],
+    loc.trace.click(trace, [loc.prompt, loc.subject, loc.expected, loc.samples, loc.kinds, loc.precision],
                     [loc.plot, loc.summary, loc.found],
                     api_name="locate", concurrency_id="trace", concurrency_limit=1)  # fmt: skip
     loc.carry.click(ui_locate.carry, loc.found, [form.subject, form.relation, form.layer, form.advanced, tabs],

@@ -130,6 +130,8 @@ def locate_tab() -> SimpleNamespace:
                                 label="Noise samples (fewer: faster, noisier)")  # fmt: skip
         loc.kinds = gr.CheckboxGroup(ui_locate.KIND_CHOICES, value=list(ui_locate.DEFAULT_KINDS), scale=2,
                                      label="States to restore (MLP alone: about a third of the time)")  # fmt: skip
+        loc.precision = gr.Radio(ui_locate.PRECISION_CHOICES, value="auto", scale=2,
+                                 label="Arithmetic (Auto: bfloat16 where the CPU has it, else float32)")  # fmt: skip
         loc.trace = gr.Button("Trace", variant="primary", scale=1)
         loc.carry = gr.Button("Use subject, relation and layer in the form", scale=1)
     loc.summary = gr.Markdown()

@@ -20,6 +20,8 @@ MAX_PROMPT_CHARS = 300
 DEFAULT_SAMPLES = 10  # noise samples per trace (the paper's choice); the tab lets the user trade it for speed
 KIND_CHOICES = [("MLP", "mlp"), ("Hidden states", "hidden"), ("Attention", "attn")]  # (label, trace kind)
 DEFAULT_KINDS = ("hidden", "mlp", "attn")  # all three heatmaps; MLP alone takes about a third of the time
+PRECISION_CHOICES = [("Auto", "auto"), ("bfloat16 (faster on CPUs that have it)", "bfloat16"),
+                     ("float32 (exact)", "float32")]  # fmt: skip
 
 
 def available() -> bool:
@@ -34,13 +36,14 @@ def relation_of(prompt: str, subject: str) -> str:
 
 
 def trace_fact(service: EditService, prompt: str, subject: str, expected: str | None = None,
-               samples: int = DEFAULT_SAMPLES, progress: Any = None, kinds: Any = DEFAULT_KINDS) -> Any:  # fmt: skip
+               samples: int = DEFAULT_SAMPLES, progress: Any = None, kinds: Any = DEFAULT_KINDS,
+               precision: str = "auto") -> Any:  # fmt: skip
     """``editing.tracing.trace`` on the service's current (edited) model, under its read lock."""
     from editing.tracing import trace
 
     with service.weights.read():
         return trace(service.model, service.tok, prompt, subject, expected or None, samples=samples,
-                     progress=progress, kinds=tuple(kinds))  # fmt: skip
+                     progress=progress, kinds=tuple(kinds), precision=precision or "auto")  # fmt: skip
 
 
 def chosen_kinds(kinds: Any) -> tuple[str, ...]:
@@ -57,7 +60,7 @@ def chosen_kinds(kinds: Any) -> tuple[str, ...]:
 def locate(
     service: EditService, prompt: str, subject: str, expected: str | None = None, samples: Any = DEFAULT_SAMPLES,
     progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
-    kinds: Any = DEFAULT_KINDS,
+    kinds: Any = DEFAULT_KINDS, precision: str = "auto",
 ) -> tuple[Any, str, dict[str, Any] | None]:  # fmt: skip
     """Trace the fact; return the heatmaps figure, a summary and what "use in the form" carries."""
     if not available():
@@ -73,7 +76,8 @@ def locate(
         picked = chosen_kinds(kinds)
         progress(0.0, desc="Tracing: corrupting the subject and restoring states one by one")
         result = trace_fact(service, prompt, subject, (expected or "").strip() or None, int(samples),
-                            lambda _stage, f: progress(f, desc="Tracing: restoring states one by one"), picked)  # fmt: skip
+                            lambda _stage, f: progress(f, desc="Tracing: restoring states one by one"), picked,
+                            precision)  # fmt: skip
     except ValueError as err:
         raise gr.Error(str(err), print_exception=False) from err
     figure = plot_trace(result, model_name=result.model_name)
@@ -82,6 +86,9 @@ def locate(
         f"The model answers {render.code(result.answer)} (p = {result.clean_prob:.3f}; "
         f"{result.corrupted_prob:.3f} with the subject corrupted). {advice}"
     )
+    if result.precision != "float32":
+        summary += (f"\n\nComputed with {result.precision} matrix products: scores may differ from exact "
+                    "float32 by about 0.01; choose float32 for exact figures.")  # fmt: skip
     return figure, summary, {"subject": subject, "relation": relation, "layer": layer}
 
 

@@ -47,7 +47,8 @@ def plot_trace(result: TraceResult, model_name: str | None = None) -> Figure:
     headline = f"{model_name or result.model_name}: {result.prompt!r} → {result.answer!r}"
     fig.suptitle(
         textwrap.fill(headline, width=int(13 * fig.get_figwidth()))
-        + f"\nclean p = {result.clean_prob:.3f}, corrupted p = {result.corrupted_prob:.3f}",
+        + f"\nclean p = {result.clean_prob:.3f}, corrupted p = {result.corrupted_prob:.3f}"
+        + (", matrix products in bfloat16" if getattr(result, "precision", "float32") != "float32" else ""),
         fontsize=10,
     )
     return fig

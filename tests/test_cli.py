@@ -69,5 +69,7 @@ def test_cli_trace_saves_a_picture_and_names_the_layer(run, tmp_path, monkeypatc
     code, out, _ = run("trace", *prompt, "--subject", "The Eiffel tower", "--out", str(out_png))
     assert code == 0 and out_png.stat().st_size > 1000
     assert "suggested layer" in out and str(out_png) in out
+    code, out, _ = run("trace", *prompt, "--subject", "The Eiffel tower", "--out", str(out_png), "--precision", "float32")
+    assert code == 0 and "float32" in out
     code, out, _ = run("trace", *prompt, "--subject", "Big Ben", "--out", str(out_png))
     assert code == 2 and "error" in out

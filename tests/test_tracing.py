@@ -13,8 +13,10 @@ from editing.nethook import capture_input
 from editing.tracing import (
     KINDS,
     TraceResult,
+    bfloat16_twin,
     corrupt_subject,
     make_noise,
+    resolve_precision,
     strongest_mlp_site,
     suggest_layer,
     suggestion_is_weak,
@@ -119,6 +121,47 @@ def test_fast_agrees_when_restorations_are_split_over_passes(model, tok, monkeyp
     fast = trace(model, tok, PROMPT, SUBJECT, noise=NOISE, window=3, samples=2, method="fast")
     for kind in KINDS:
         torch.testing.assert_close(fast.scores[kind], plain.scores[kind], atol=1e-5, rtol=0)
+
+
+def test_bfloat16_trace_is_close_to_float32_and_leaves_the_model_float32(model, tok) -> None:
+    exact = trace(model, tok, PROMPT, SUBJECT, noise=NOISE, window=3, samples=3)
+    low = trace(model, tok, PROMPT, SUBJECT, noise=NOISE, window=3, samples=3, precision="bfloat16")
+    assert (exact.precision, low.precision) == ("float32", "bfloat16")
+    assert low.answer_id == exact.answer_id
+    for kind in KINDS:
+        torch.testing.assert_close(low.scores[kind], exact.scores[kind], atol=0.02, rtol=0)
+    assert any(not torch.equal(low.scores[k], exact.scores[k]) for k in KINDS)  # it did run in bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_bfloat16_twin_follows_weight_changes_and_shares_the_rest(model) -> None:
+    twin = bfloat16_twin(model)
+    assert bfloat16_twin(model) is twin  # cached while the weights stand
+    name = layer_name(model, 1, "mlp")
+    matrix = next(m for m in model.get_submodule(name).modules() if m is not model.get_submodule(name)
+                  and hasattr(m, "weight") and m.weight.ndim == 2)  # fmt: skip
+    sub = next(n for n, m in model.named_modules() if m is matrix)
+    assert twin.get_submodule(sub).weight.dtype == torch.bfloat16
+    embed = arch_of(model).embed
+    assert twin.get_submodule(embed).weight is model.get_submodule(embed).weight  # shared, not copied
+    before = matrix.weight.detach().clone()
+    with torch.no_grad():
+        matrix.weight.add_(1.0)  # an in-place change, as an edit makes
+    try:
+        fresh = bfloat16_twin(model)
+        assert fresh is not twin
+        torch.testing.assert_close(fresh.get_submodule(sub).weight.float(), matrix.weight.detach(), atol=0.05, rtol=0)
+    finally:
+        with torch.no_grad():
+            matrix.weight.copy_(before)
+
+
+def test_precision_choice(model) -> None:
+    assert resolve_precision("float32", model) == "float32"
+    assert resolve_precision("auto", model) in ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8", model)
 
 
 def test_progress_reaches_one(model, tok) -> None:

@@ -218,6 +218,11 @@ def test_locate_traces_only_the_states_ticked(service: EditService, monkeypatch:
     with pytest.raises(gr.Error, match="keep MLP ticked"):
         ui_locate.locate(service, prompt, subject, None, 2, quiet, ["hidden"])
     assert ui_locate.chosen_kinds(["attn", "hidden", "mlp"]) == ui_locate.DEFAULT_KINDS
+    _, exact, _ = ui_locate.locate(service, prompt, subject, None, 2, quiet, ["mlp"], "float32")
+    _, low, _ = ui_locate.locate(service, prompt, subject, None, 2, quiet, ["mlp"], "bfloat16")
+    assert "bfloat16 matrix products" in low and "bfloat16" not in exact
+    with pytest.raises(gr.Error, match="precision must be one of"):
+        ui_locate.locate(service, prompt, subject, None, 2, quiet, ["mlp"], "fp8")
 
 
 def test_layer_advice_follows_a_strong_last_subject_token_and_falls_back_when_weak() -> None:
