@@ -1,9 +1,14 @@
 """Sweep ROME settings on CounterFact development cases: quality (ES/PS/NS) and edit time per setting.
 
     python bench/sweep.py --n 20 --layers 3 6 9 12 --samples 2000 --value-templates 21 11 --lr 0.5
+    python bench/sweep.py --n 24 --seed 1 --layers 9 --samples 1000 --value-templates 11 --lr 2 --chat
 
 Prints one row per setting; used to choose the default layer, statistics sample count,
-number of value templates and learning rate (see README, "How the defaults were chosen").
+number of value templates, learning rate and early stop (see README, "How the defaults were chosen").
+``--chat`` also asks the edited model, through its chat template and greedily, about each case
+("Tell me about {subject}." and the case's prompt) and reports how repetitive the replies are
+(share of repeated word trigrams, and the share of replies over 0.3: loops) and how often the
+reply to the prompt names the new object.
 """
 from __future__ import annotations
 
@@ -14,11 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from editing import RomeEditor, load_model  # noqa: E402
 from editing.datasets import load_cases, sample_cases  # noqa: E402
-from editing.metrics import object_probs  # noqa: E402
+from editing.metrics import object_probs, repetition  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "counterfact_dev.json"
 
@@ -34,6 +41,30 @@ def scores(model, tok, case) -> tuple[float, float, float]:  # type: ignore[no-u
     return wins[0], statistics.mean(wins[1:n]) if n > 1 else float("nan"), statistics.mean(wins[n:]) if wins[n:] else float("nan")
 
 
+LOOP = 0.3  # a reply with more than this share of repeated trigrams reads as a loop
+
+
+def chat_replies(model, tok, questions: list[str], max_new_tokens: int = 48) -> list[str]:  # type: ignore[no-untyped-def]
+    """Greedy replies to single-turn questions through the chat template, as the app's chat answers."""
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in questions]  # fmt: skip
+    batch = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch.to(model.device), do_sample=False, top_p=None, top_k=None, temperature=None,
+                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)  # fmt: skip
+    width = batch["input_ids"].shape[1]
+    return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def chat_check(model, tok, case) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
+    """(mean repetition, share of loops, 1 if the reply to the prompt names the new object) for one case."""
+    about, answer = chat_replies(model, tok, [f"Tell me about {case.subject}.", case.prompt])
+    reps = [repetition(about), repetition(answer)]
+    return statistics.mean(reps), statistics.mean(float(r > LOOP) for r in reps), float(
+        case.target_new.lower() in answer.lower()
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20)
@@ -42,6 +73,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, nargs="+", default=[2000])
     ap.add_argument("--value-templates", type=int, nargs="+", default=[21])
     ap.add_argument("--lr", type=float, nargs="+", default=[0.5])
+    ap.add_argument("--early-stop", type=float, nargs="+", default=[0.05], help="early_stop_loss values")
+    ap.add_argument("--chat", action="store_true", help="also check the edited model's chat replies")
     ap.add_argument("--method", default="fast")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
@@ -50,14 +83,22 @@ def main() -> None:
     cases = sample_cases(load_cases(DATA)[0], args.n, args.seed)
     base = [scores(model, tok, c) for c in cases]
     print(f"unedited: ES {100 * statistics.mean(s[0] for s in base):.1f} NS {100 * statistics.mean(s[2] for s in base):.1f}", flush=True)
-    print("layer samples vtempl lr    ES    PS    NS   median_s mean_steps", flush=True)
-    for layer, n_samples, vt, lr in itertools.product(args.layers, args.samples, args.value_templates, args.lr):
+    if args.chat:
+        chat0 = [chat_check(model, tok, c) for c in cases]
+        print(f"unedited chat: repetition {statistics.mean(c[0] for c in chat0):.3f} "
+              f"loops {100 * statistics.mean(c[1] for c in chat0):.1f}% names new {100 * statistics.mean(c[2] for c in chat0):.1f}%",
+              flush=True)  # fmt: skip
+    print("layer samples vtempl lr   stop    ES    PS    NS   median_s mean_steps"
+          + ("   rep loops% names%" if args.chat else ""), flush=True)  # fmt: skip
+    grid = itertools.product(args.layers, args.samples, args.value_templates, args.lr, args.early_stop)
+    for layer, n_samples, vt, lr, stop in grid:
         editor.cov(layer, n_samples)  # statistics outside the timing
-        rows, times, steps = [], [], []
+        rows, times, steps, chats = [], [], [], []
         for case in cases:
             t0 = time.perf_counter()
             try:
-                edit = editor.compute(case.request(layer), stats_samples=n_samples, value_templates=vt, lr=lr)
+                edit = editor.compute(case.request(layer), stats_samples=n_samples, value_templates=vt, lr=lr,
+                                      early_stop_loss=stop)  # fmt: skip
             except ValueError as err:
                 print(f"  skipped case {case.case_id}: {err}", flush=True)
                 continue
@@ -65,12 +106,16 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
             steps.append(edit.stats["steps"])
             rows.append(scores(model, tok, case))
+            if args.chat:
+                chats.append(chat_check(model, tok, case))
             editor.revert(edit)
             if args.verbose:
                 print(f"  case {case.case_id}: steps {steps[-1]} time {times[-1]:.1f}s ES/PS/NS {rows[-1]}", flush=True)
         mean = lambda i: 100 * statistics.mean(r[i] for r in rows)  # noqa: E731
-        print(f"{layer:5d} {n_samples:7d} {vt:6d} {lr:4.2f} {mean(0):5.1f} {mean(1):5.1f} {mean(2):5.1f} "
-              f"{statistics.median(times):8.2f} {statistics.mean(steps):6.1f}", flush=True)  # fmt: skip
+        chat = (f" {statistics.mean(c[0] for c in chats):5.3f} {100 * statistics.mean(c[1] for c in chats):6.1f} "
+                f"{100 * statistics.mean(c[2] for c in chats):6.1f}") if chats else ""  # fmt: skip
+        print(f"{layer:5d} {n_samples:7d} {vt:6d} {lr:4.2f} {stop:5.2f} {mean(0):5.1f} {mean(1):5.1f} {mean(2):5.1f} "
+              f"{statistics.median(times):8.2f} {statistics.mean(steps):6.1f}{chat}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

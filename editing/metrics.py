@@ -139,6 +139,13 @@ def ngram_entropy(text: str, n: int) -> float:
     return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
 
 
+def repetition(text: str, n: int = 3) -> float:
+    """Share of the text's word n-grams that repeat an earlier one: 0 for fresh text, near 1 for a loop."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def fluency(text: str) -> float:
     """The paper's generation entropy: the mean of 2/3 × bigram and 4/3 × trigram entropy."""
     return sum(w * ngram_entropy(text, n) for n, w in ENTROPY_WEIGHTS.items()) / len(ENTROPY_WEIGHTS)

@@ -18,7 +18,7 @@ from editing.evaluate import UNEDITED, format_table, main, plot_curves, run_eval
 from editing.ftl import FineTuneL, FTLHyperParams
 from editing.metrics import (
     METRICS, CaseScores, GenerationSettings, aggregate, fluency, harmonic_mean, ngram_entropy, object_probs,
-    score_case, score_objects,
+    repetition, score_case, score_objects,
 )  # fmt: skip
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -174,6 +174,14 @@ def test_ngram_entropy_and_fluency_by_hand() -> None:
     assert ngram_entropy(text, 3) == pytest.approx(1.0)
     assert fluency(text) == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
     assert fluency("the the the the the") == 0.0 and ngram_entropy("one", 2) == 0.0
+
+
+def test_repetition_by_hand() -> None:
+    assert repetition("The iconic Rome is in Italy, a city of art.") == 0.0
+    # Trigrams of "a b c a b c a": abc bca cab abc bca: 3 distinct of 5.
+    assert repetition("a b c a b c a") == pytest.approx(2 / 5)
+    assert repetition("Rome's Rome. Rome's Rome. Rome's Rome. Rome's Rome.") > 0.7
+    assert repetition("too short") == 0.0 and repetition("A B a b", n=2) == pytest.approx(1 / 3)
 
 
 def test_harmonic_mean_and_aggregate() -> None:
