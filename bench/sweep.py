@@ -44,21 +44,22 @@ def scores(model, tok, case) -> tuple[float, float, float]:  # type: ignore[no-u
 LOOP = 0.3  # a reply with more than this share of repeated trigrams reads as a loop
 
 
-def chat_replies(model, tok, questions: list[str], max_new_tokens: int = 48) -> list[str]:  # type: ignore[no-untyped-def]
+def chat_replies(model, tok, questions: list[str], max_new_tokens: int = 48, penalty: float = 1.0) -> list[str]:  # type: ignore[no-untyped-def]
     """Greedy replies to single-turn questions through the chat template, as the app's chat answers."""
     texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
              for q in questions]  # fmt: skip
     batch = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**batch.to(model.device), do_sample=False, top_p=None, top_k=None, temperature=None,
-                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)  # fmt: skip
+                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             repetition_penalty=penalty)  # fmt: skip
     width = batch["input_ids"].shape[1]
     return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
-def chat_check(model, tok, case) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
+def chat_check(model, tok, case, penalty: float = 1.0) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
     """(mean repetition, share of loops, 1 if the reply to the prompt names the new object) for one case."""
-    about, answer = chat_replies(model, tok, [f"Tell me about {case.subject}.", case.prompt])
+    about, answer = chat_replies(model, tok, [f"Tell me about {case.subject}.", case.prompt], penalty=penalty)
     reps = [repetition(about), repetition(answer)]
     return statistics.mean(reps), statistics.mean(float(r > LOOP) for r in reps), float(
         case.target_new.lower() in answer.lower()
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, nargs="+", default=[0.5])
     ap.add_argument("--early-stop", type=float, nargs="+", default=[0.05], help="early_stop_loss values")
     ap.add_argument("--chat", action="store_true", help="also check the edited model's chat replies")
+    ap.add_argument("--chat-penalty", type=float, default=1.0, help="repetition penalty of those chat replies")
     ap.add_argument("--method", default="fast")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
@@ -84,8 +86,8 @@ def main() -> None:
     base = [scores(model, tok, c) for c in cases]
     print(f"unedited: ES {100 * statistics.mean(s[0] for s in base):.1f} NS {100 * statistics.mean(s[2] for s in base):.1f}", flush=True)
     if args.chat:
-        chat0 = [chat_check(model, tok, c) for c in cases]
-        print(f"unedited chat: repetition {statistics.mean(c[0] for c in chat0):.3f} "
+        chat0 = [chat_check(model, tok, c, args.chat_penalty) for c in cases]
+        print(f"unedited chat (repetition penalty {args.chat_penalty}): repetition {statistics.mean(c[0] for c in chat0):.3f} "
               f"loops {100 * statistics.mean(c[1] for c in chat0):.1f}% names new {100 * statistics.mean(c[2] for c in chat0):.1f}%",
               flush=True)  # fmt: skip
     print("layer samples vtempl lr   stop    ES    PS    NS   median_s mean_steps"
@@ -107,7 +109,7 @@ def main() -> None:
             steps.append(edit.stats["steps"])
             rows.append(scores(model, tok, case))
             if args.chat:
-                chats.append(chat_check(model, tok, case))
+                chats.append(chat_check(model, tok, case, args.chat_penalty))
             editor.revert(edit)
             if args.verbose:
                 print(f"  case {case.case_id}: steps {steps[-1]} time {times[-1]:.1f}s ES/PS/NS {rows[-1]}", flush=True)

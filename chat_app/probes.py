@@ -34,6 +34,7 @@ def top_next(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, 
     top = probs.topk(k)
     return [TopToken(tok.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
 
+REPETITION_PENALTY = 1.2  # chat default (1 = off): edited replies looped in 16.7 % of cases at 1.0, none at 1.2 (README)
 
 def holds(kind: str, expected: str, answer: str) -> bool:
     """An edited prompt or paraphrase holds when the answer starts with the target; a neighbour when it is unchanged."""
@@ -50,12 +51,17 @@ def stream_chat(
     temperature: float,
     max_new_tokens: int,
     context: object | None = None,
+    repetition_penalty: float = 1.0,
 ) -> Iterator[str]:
-    """Yield the reply as it grows. ``context`` (a context manager) wraps generation in its thread."""
+    """Yield the reply as it grows. ``context`` (a context manager) wraps generation in its thread.
+
+    ``repetition_penalty`` (1 = off) divides the scores of tokens already in the conversation.
+    """
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
+    sampling["repetition_penalty"] = repetition_penalty
     errors: list[BaseException] = []
 
     def run() -> None:

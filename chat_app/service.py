@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chat_app.locks import RWLock
-from chat_app.probes import TopToken, complete, holds, stream_chat, top_next
+from chat_app.probes import REPETITION_PENALTY, TopToken, complete, holds, stream_chat, top_next
 from db import EditRecord, EventRecord, Ledger, LedgerError
 from editing import EditRequest, RankOneEdit, RomeEditor
 from editing.arch import mlp_out_param_name
@@ -116,13 +116,18 @@ class EditService:
             return complete(self.model, self.tok, prompt), top_next(self.model, self.tok, prompt, k)
 
     def chat(self, messages: list[dict[str, str]], temperature: float = 0.0, max_new_tokens: int = 128,
-             original: bool = False) -> Iterator[str]:  # fmt: skip
+             original: bool = False, repetition_penalty: float = REPETITION_PENALTY) -> Iterator[str]:  # fmt: skip
         """Stream a reply; ``original=True`` answers with the unedited weights (exact, nothing swapped globally)."""
         if not 0 <= temperature <= 5 or not 1 <= max_new_tokens <= 2048:
             raise ValueError("temperature must be in [0, 5] and max new tokens in [1, 2048]")
+        if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) or not (
+            1 <= repetition_penalty <= 2
+        ):
+            raise ValueError(f"repetition penalty must be between 1 (off) and 2, got {repetition_penalty!r}")
         with self.weights.read():
             context = self.editor.original_weights() if original else None
-            yield from stream_chat(self.model, self.tok, messages, temperature, max_new_tokens, context)
+            yield from stream_chat(self.model, self.tok, messages, temperature, max_new_tokens, context,
+                                   float(repetition_penalty))  # fmt: skip
 
     # ----- changing ------------------------------------------------------------------------
     def _writable(self) -> None:

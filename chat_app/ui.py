@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 
 from chat_app import ui_chat, ui_layout, ui_locate
+from chat_app.probes import REPETITION_PENALTY
 from chat_app.service import EditService
 from chat_app.ui_handlers import Handlers
 
@@ -81,14 +82,16 @@ def build_ui(service: EditService) -> gr.Blocks:
 
 def _wire_chat(service: EditService, c: SimpleNamespace) -> None:
     def respond(conv: list, orig: list, system: str, temperature: float, max_new: int,
-                compare: bool) -> Iterator[tuple[list, list, list, list]]:  # fmt: skip
-        for conv_now, orig_now in ui_chat.respond(service, conv, orig, system, temperature, max_new, compare):
+                compare: bool, penalty: float) -> Iterator[tuple[list, list, list, list]]:  # fmt: skip
+        for conv_now, orig_now in ui_chat.respond(service, conv, orig, system, temperature, max_new, compare,
+                                                  penalty):  # fmt: skip
             yield conv_now, orig_now, conv_now, orig_now
 
     def chat(message: str, system: str = "", temperature: float = 0.0, max_new_tokens: int = 128,
-             original: bool = False) -> str:  # fmt: skip
+             original: bool = False, repetition_penalty: float = REPETITION_PENALTY) -> str:  # fmt: skip
         """One-turn chat: the model's whole reply (original=True: the unedited model's)."""
-        return ui_chat.chat_once(service, message, system, temperature, max_new_tokens, original)
+        return ui_chat.chat_once(service, message, system, temperature, max_new_tokens, original,
+                                 repetition_penalty)  # fmt: skip
 
     def submit(message: str, conv: list, orig: list) -> tuple[str, list, list, list, list]:
         cleared, conv, orig = ui_chat.add_user(message, conv, orig)
@@ -97,7 +100,7 @@ def _wire_chat(service: EditService, c: SimpleNamespace) -> None:
     private = {"api_visibility": "private"}
     gr.on([c.message.submit, c.send.click], submit, [c.message, c.conv, c.orig],
           [c.message, c.conv, c.orig, c.chatbot, c.original], queue=False, **private).success(
-        respond, [c.conv, c.orig, c.system, c.temperature, c.max_new, c.compare],
+        respond, [c.conv, c.orig, c.system, c.temperature, c.max_new, c.compare, c.penalty],
         [c.chatbot, c.original, c.conv, c.orig], **private,
     )  # fmt: skip
     c.compare.change(lambda on: gr.Chatbot(visible=on), c.compare, c.original, queue=False, **private)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import gradio as gr
 
+from chat_app.probes import REPETITION_PENALTY
 from chat_app.service import EditService
 
 Message = dict[str, str]
@@ -34,28 +35,29 @@ def add_user(message: str, conv: list[Message], orig: list[Message]) -> tuple[st
 
 
 def _stream(service: EditService, messages: list[Message], temperature: float, max_new_tokens: int,
-            original: bool) -> Iterator[str]:  # fmt: skip
+            original: bool, penalty: float = REPETITION_PENALTY) -> Iterator[str]:  # fmt: skip
     try:
-        yield from service.chat(messages, float(temperature), int(max_new_tokens), original=original)
+        yield from service.chat(messages, float(temperature), int(max_new_tokens), original=original,
+                                repetition_penalty=float(penalty))  # fmt: skip
     except ValueError as err:
         raise gr.Error(str(err), print_exception=False) from err
 
 
 def respond(
     service: EditService, conv: list[Message], orig: list[Message], system: str,
-    temperature: float, max_new_tokens: int, compare: bool,
+    temperature: float, max_new_tokens: int, compare: bool, penalty: float = REPETITION_PENALTY,
 ) -> Iterator[tuple[list[Message], list[Message]]]:  # fmt: skip
     """Yield ``(conv, orig)`` as the replies grow: the edited model first, then (if comparing) the original."""
     if not conv or conv[-1]["role"] != "user":
         return
     context = with_system(system, conv)
     reply = ""
-    for reply in _stream(service, context, temperature, max_new_tokens, original=False):
+    for reply in _stream(service, context, temperature, max_new_tokens, False, penalty):
         yield [*conv, {"role": "assistant", "content": reply}], orig
     conv = [*conv, {"role": "assistant", "content": reply}]
     if compare:
         answer = ""
-        for answer in _stream(service, context, temperature, max_new_tokens, original=True):
+        for answer in _stream(service, context, temperature, max_new_tokens, True, penalty):
             yield conv, [*orig, {"role": "assistant", "content": answer}]
         orig = [*orig, {"role": "assistant", "content": answer}]
     yield conv, orig
@@ -63,11 +65,11 @@ def respond(
 
 def chat_once(
     service: EditService, message: str, system: str = "", temperature: float = 0.0,
-    max_new_tokens: int = 128, original: bool = False,
+    max_new_tokens: int = 128, original: bool = False, penalty: float = REPETITION_PENALTY,
 ) -> str:  # fmt: skip
     """One-turn chat for API clients: the whole reply (``original=True``: the unedited model's)."""
     _, conv, _ = add_user(message, [], [])
     text = ""
-    for text in _stream(service, with_system(system, conv), temperature, max_new_tokens, original):
+    for text in _stream(service, with_system(system, conv), temperature, max_new_tokens, original, penalty):
         pass
     return text

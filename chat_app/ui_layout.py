@@ -12,6 +12,7 @@ import gradio as gr
 
 from chat_app import ui_chat, ui_locate
 from chat_app import ui_render as render
+from chat_app.probes import REPETITION_PENALTY
 from chat_app.service import EditService
 from chat_app.ui_handlers import COMMON_RELATIONS, STATUS_CHOICES, export_file
 
@@ -36,6 +37,8 @@ def chat_tab() -> SimpleNamespace:
         with gr.Row():
             c.temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy, reproducible)")
             c.max_new = gr.Slider(16, 512, value=128, step=16, label="Max new tokens")
+            c.penalty = gr.Slider(1, 2, value=REPETITION_PENALTY, step=0.05,
+                                  label="Repetition penalty (1 = off; against looping replies)")  # fmt: skip
     c.conv, c.orig = gr.State([]), gr.State([])
     return c
 

@@ -171,6 +171,20 @@ def test_chat_streams_and_compares_with_the_original(service: EditService) -> No
         ui_chat.add_user("  ", conv, orig)
 
 
+def test_chat_repetition_penalty_reaches_generation_and_is_checked(service: EditService) -> None:
+    def tokens(penalty: float) -> list[int]:
+        text = ui_chat.chat_once(service, "where is the eiffel tower", max_new_tokens=24, penalty=penalty)
+        return service.tok(text, add_special_tokens=False)["input_ids"]
+
+    plain, penalised = tokens(1.0), tokens(2.0)
+    assert plain != penalised  # the penalty changes the greedy reply
+    # A penalised token repeats less: the share of distinct tokens does not fall.
+    assert len(set(penalised)) / len(penalised) >= len(set(plain)) / len(plain)
+    for bad in (0.5, 2.5):
+        with pytest.raises(gr.Error, match="repetition penalty must be between 1"):
+            ui_chat.chat_once(service, "hello", penalty=bad)
+
+
 def test_read_only_refuses_edits_with_a_readable_error(service: EditService) -> None:
     service.read_only = True
     with pytest.raises(gr.Error, match="read-only"):
