@@ -19,7 +19,7 @@ import time
 import torch
 
 from editing.loading import load_model
-from editing.tracing import KINDS, bfloat16_twin, embedding_std, suggest_layer, trace
+from editing.tracing import KINDS, embedding_std, suggest_layer, trace
 
 PROMPTS = [
     ("The Eiffel Tower is located in the city of", "The Eiffel Tower"),
@@ -70,8 +70,6 @@ def main() -> None:
 
         fast: dict[str, tuple] = {}
         for precision in args.precision:
-            if precision == "bfloat16":
-                bfloat16_twin(model)  # built once per weight state, outside the timing
             if args.warmup:  # the kernels' first calls (oneDNN builds them per shape) stay out of the timing
                 trace(model, tok, prompt, subject, samples=1, noise=noise, kinds=["mlp"], precision=precision)
             fast[precision] = _timed(lambda: run("fast", precision))

@@ -13,7 +13,7 @@ read from the corrupted run's key/value cache (restoring token ``t`` changes not
 ``t``, and nothing at all before the subject); only the last position is unembedded.
 The model's weights are unchanged on return, and no hook outlives a call.
 
-``precision="bfloat16"`` runs the same restorations on a twin of the model whose matrix weights
+``precision="bfloat16"`` runs the same restorations on a twin of the model (built per trace) whose matrix weights
 are bfloat16 (residual stream, norms and softmax stay float32, under autocast). On a CPU with
 native bfloat16 (AVX512-BF16, AMX) its matrix products run several times faster; the scores move
 by a few thousandths of probability (``bench/trace_speed.py`` prints the largest difference).
@@ -26,7 +26,6 @@ import json
 import logging
 import re
 import threading
-import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -176,12 +175,6 @@ def _join_rows(model: nn.Module, name: str, rows: torch.Tensor, first: bool) -> 
         handle.remove()
 
 
-_twins: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[int, int], ...], nn.Module]] = (
-    weakref.WeakKeyDictionary()
-)
-_twins_lock = threading.Lock()
-
-
 def resolve_precision(precision: str, model: nn.Module) -> str:
     """``"auto"`` → ``"bfloat16"`` on a CPU with native bfloat16 matrix products, else ``"float32"``."""
     if precision not in PRECISIONS:
@@ -192,11 +185,6 @@ def resolve_precision(precision: str, model: nn.Module) -> str:
     return "bfloat16" if on_cpu and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
 
-def _weights_signature(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Where each parameter lives and how often it was written in place: changes whenever an edit lands."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
-
-
 def _is_matrix(module: nn.Module) -> bool:
     """A module whose weight multiplies activations: ``nn.Linear`` or GPT-2's ``Conv1D``."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
@@ -205,24 +193,19 @@ def _is_matrix(module: nn.Module) -> bool:
 def bfloat16_twin(model: nn.Module) -> nn.Module:
     """A copy of ``model`` sharing every parameter but the matrices, which it holds in bfloat16.
 
-    Cached per model and rebuilt when any of its weights changed (an edit, a revert), so a trace
-    always reads the current weights. Embeddings, norms and biases are shared, not copied.
+    Built for each trace from the current weights (0.16 s for the default model) and dropped after
+    it, so it never goes stale and its memory (half the matrices' size) is held only while tracing.
+    Embeddings, norms and biases are shared, not copied.
     """
-    signature = _weights_signature(model)
-    with _twins_lock:
-        cached = _twins.get(model)
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        memo = {id(p): p for p in model.parameters()}  # deepcopy shares these instead of copying
-        twin = copy.deepcopy(model, memo)
-        for module in twin.modules():
-            for hooks in (module._forward_hooks, module._forward_pre_hooks, module._forward_hooks_with_kwargs,
-                          module._forward_pre_hooks_with_kwargs):  # fmt: skip
-                hooks.clear()  # another thread's live hooks must not be copied into the twin
-            if _is_matrix(module):
-                module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
-        _twins[model] = (signature, twin)
-        return twin
+    memo = {id(p): p for p in model.parameters()}  # deepcopy shares these instead of copying
+    twin = copy.deepcopy(model, memo)
+    for module in twin.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks, module._forward_hooks_with_kwargs,
+                      module._forward_pre_hooks_with_kwargs):  # fmt: skip
+            hooks.clear()  # another thread's live hooks must not be copied into the twin
+        if _is_matrix(module):
+            module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+    return twin
 
 
 @contextmanager
