@@ -114,6 +114,11 @@ def mlp_out_param_name(model: nn.Module, layer: int) -> str:
     return f"{layer_name(model, layer, 'mlp_out')}.weight"
 
 
+def is_matrix(module: nn.Module) -> bool:
+    """True for a module whose weight multiplies activations: ``nn.Linear`` or GPT-2's ``Conv1D``."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
 def is_transposed(module: nn.Module) -> bool:
     """True when the weight is stored ``(in, out)`` (GPT-2's ``Conv1D``), false for ``nn.Linear``."""
     if isinstance(module, nn.Linear):

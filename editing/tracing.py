@@ -13,15 +13,14 @@ read from the corrupted run's key/value cache (restoring token ``t`` changes not
 ``t``, and nothing at all before the subject); only the last position is unembedded.
 The model's weights are unchanged on return, and no hook outlives a call.
 
-``precision="bfloat16"`` runs the same restorations on a twin of the model (built per trace) whose matrix weights
-are bfloat16 (residual stream, norms and softmax stay float32, under autocast). On a CPU with
+``precision="bfloat16"`` runs the same restorations on a twin of the model, built per trace, whose
+matrix weights are bfloat16 (residual stream, norms and softmax stay float32, under autocast). On a CPU with
 native bfloat16 (AVX512-BF16, AMX) its matrix products run several times faster; the scores move
 by a few thousandths of probability (``bench/trace_speed.py`` prints the largest difference).
 ``"float32"`` is exact; ``"auto"`` picks bfloat16 on such a CPU and float32 elsewhere.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
@@ -40,6 +39,7 @@ from editing.arch import arch_of, get_module, layer_name, n_layers
 from editing.fingerprint import tensor_checksum
 from editing.loading import cache_dir
 from editing.nethook import capture_input, edit_output
+from editing.precision import arithmetic, resolve_precision
 from editing.tokens import Encoded, encode
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ NOISE_TEXTS = 200  # corpus texts whose token embeddings give the embedding std
 MAX_ROWS = 512  # batch rows per fast pass (rows × vocabulary logits must fit in memory)
 MAX_ROW_TOKENS = 8192  # rows × tokens per fast pass
 WEAK_SHARE = 0.5  # last subject token's MLP effect below this share of the strongest: no clear layer
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -173,50 +172,6 @@ def _join_rows(model: nn.Module, name: str, rows: torch.Tensor, first: bool) -> 
         yield
     finally:
         handle.remove()
-
-
-def resolve_precision(precision: str, model: nn.Module) -> str:
-    """``"auto"`` → ``"bfloat16"`` on a CPU with native bfloat16 matrix products, else ``"float32"``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    return "bfloat16" if on_cpu and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
-
-
-def _is_matrix(module: nn.Module) -> bool:
-    """A module whose weight multiplies activations: ``nn.Linear`` or GPT-2's ``Conv1D``."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def bfloat16_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` sharing every parameter but the matrices, which it holds in bfloat16.
-
-    Built for each trace from the current weights (0.16 s for the default model) and dropped after
-    it, so it never goes stale and its memory (half the matrices' size) is held only while tracing.
-    Embeddings, norms and biases are shared, not copied.
-    """
-    memo = {id(p): p for p in model.parameters()}  # deepcopy shares these instead of copying
-    twin = copy.deepcopy(model, memo)
-    for module in twin.modules():
-        for hooks in (module._forward_hooks, module._forward_pre_hooks, module._forward_hooks_with_kwargs,
-                      module._forward_pre_hooks_with_kwargs):  # fmt: skip
-            hooks.clear()  # another thread's live hooks must not be copied into the twin
-        if _is_matrix(module):
-            module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
-    return twin
-
-
-@contextmanager
-def _arithmetic(model: PreTrainedModel, precision: str) -> Iterator[PreTrainedModel]:
-    """The model to run in ``precision``: the model itself, or its bfloat16 twin under autocast."""
-    if precision == "float32":
-        yield model
-        return
-    device = next(model.parameters()).device.type
-    with torch.autocast(device, dtype=torch.bfloat16):
-        yield bfloat16_twin(model)
 
 
 @dataclass
@@ -458,7 +413,7 @@ def trace(
         if progress is not None:
             progress("tracing", done[0] / steps)
 
-    with _arithmetic(model, precision) as runner:
+    with arithmetic(model, precision) as runner:
         runs, clean_prob = _prepare(runner, enc, answer_id, kinds, noise_t)
         scores = (_trace_plain if method == "plain" else _trace_fast)(runs, kinds, window, tick)
     return TraceResult(

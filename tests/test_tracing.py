@@ -10,13 +10,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from editing.arch import arch_of, layer_name
 from editing.nethook import capture_input
+from editing.precision import bfloat16_twin, resolve_precision
 from editing.tracing import (
     KINDS,
     TraceResult,
-    bfloat16_twin,
     corrupt_subject,
     make_noise,
-    resolve_precision,
     strongest_mlp_site,
     suggest_layer,
     suggestion_is_weak,
@@ -155,7 +154,9 @@ def test_bfloat16_twin_holds_the_current_matrices_and_shares_the_rest(model) -> 
             matrix.weight.copy_(before)
 
 
-def test_precision_choice(model) -> None:
+def test_precision_choice(model, tok) -> None:
+    already = _llama(len(tok)).to(torch.bfloat16)
+    assert bfloat16_twin(already) is already  # nothing to convert: no copy
     assert resolve_precision("float32", model) == "float32"
     assert resolve_precision("auto", model) in ("float32", "bfloat16")
     with pytest.raises(ValueError, match="precision must be one of"):
