@@ -10,6 +10,7 @@ import os
 import sys
 
 from chat_app.runtime import Settings
+from editing.precision import PRECISIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     trace.add_argument("--prompt", required=True)
     trace.add_argument("--subject", required=True)
     trace.add_argument("--out", default="trace.png")
-    trace.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+    trace.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="matrix products in bfloat16 (faster where the CPU has it) or float32 (exact)")  # fmt: skip
     sub.add_parser("evaluate", help="CounterFact / zsRE evaluation (see: app.py evaluate --help)", add_help=False)
     return parser.parse_known_args(argv)[0] if (argv or sys.argv[1:])[:1] == ["evaluate"] else parser.parse_args(argv)

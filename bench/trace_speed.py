@@ -19,6 +19,7 @@ import time
 import torch
 
 from editing.loading import load_model
+from editing.precision import PRECISIONS
 from editing.tracing import KINDS, embedding_std, suggest_layer, trace
 
 PROMPTS = [
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--fast-only", action="store_true", help="skip the slow reference method")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="states to restore")
-    parser.add_argument("--precision", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"),
+    parser.add_argument("--precision", nargs="+", default=["float32", "bfloat16"], choices=PRECISIONS[1:],
                         help="arithmetic of the fast runs (the plain reference is float32)")  # fmt: skip
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="time the first trace cold (default: one short trace per precision first)")  # fmt: skip

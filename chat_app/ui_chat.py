@@ -35,7 +35,7 @@ def add_user(message: str, conv: list[Message], orig: list[Message]) -> tuple[st
 
 
 def _stream(service: EditService, messages: list[Message], temperature: float, max_new_tokens: int,
-            original: bool, penalty: float = REPETITION_PENALTY) -> Iterator[str]:  # fmt: skip
+            original: bool, penalty: float) -> Iterator[str]:  # fmt: skip
     try:
         yield from service.chat(messages, float(temperature), int(max_new_tokens), original=original,
                                 repetition_penalty=float(penalty))  # fmt: skip

@@ -94,10 +94,9 @@ def locate(
 
 def layer_advice(result: Any, default_layer: int) -> tuple[int, str]:
     """The layer to carry into the form, and why: the suggestion, or the default when the trace's signal is weak."""
-    from editing.tracing import strongest_mlp_site, suggest_layer, suggestion_is_weak
+    from editing.tracing import best_at_last_subject, strongest_mlp_site, suggestion_is_weak
 
-    suggested = suggest_layer(result)
-    at_last = float(result.indirect_effect("mlp")[result.last_subject_token, suggested])
+    suggested, at_last = best_at_last_subject(result)
     if not suggestion_is_weak(result):
         return suggested, (
             f"**Suggested layer: {suggested}**: the MLP whose restoration at the last subject token brings "

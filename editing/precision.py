@@ -15,7 +15,7 @@ from torch import nn
 
 from editing.arch import is_matrix
 
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16")  # "auto" first: the rest are what it resolves to
 
 
 def resolve_precision(precision: str, model: nn.Module) -> str:

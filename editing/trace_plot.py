@@ -48,7 +48,7 @@ def plot_trace(result: TraceResult, model_name: str | None = None) -> Figure:
     fig.suptitle(
         textwrap.fill(headline, width=int(13 * fig.get_figwidth()))
         + f"\nclean p = {result.clean_prob:.3f}, corrupted p = {result.corrupted_prob:.3f}"
-        + (", matrix products in bfloat16" if getattr(result, "precision", "float32") != "float32" else ""),
+        + (f", matrix products in {result.precision}" if result.precision != "float32" else ""),
         fontsize=10,
     )
     return fig

@@ -84,9 +84,16 @@ class TraceResult:
         return self.subject_range[1] - 1
 
 
+def best_at_last_subject(result: TraceResult) -> tuple[int, float]:
+    """``(layer, indirect effect)`` of the MLP window that restores the most at the last subject token."""
+    effects = result.indirect_effect("mlp")[result.last_subject_token]
+    layer = int(effects.argmax())
+    return layer, float(effects[layer])
+
+
 def suggest_layer(result: TraceResult) -> int:
     """The layer whose MLP window restores the most at the last subject token."""
-    return int(result.indirect_effect("mlp")[result.last_subject_token].argmax())
+    return best_at_last_subject(result)[0]
 
 
 def strongest_mlp_site(result: TraceResult) -> tuple[int, int, float]:
@@ -103,8 +110,7 @@ def suggestion_is_weak(result: TraceResult, share: float = WEAK_SHARE) -> bool:
     as for several facts in SmolLM2), ``suggest_layer`` follows noise rather than a site.
     """
     strongest = strongest_mlp_site(result)[2]
-    at_last = float(result.indirect_effect("mlp")[result.last_subject_token, suggest_layer(result)])
-    return strongest <= 0 or at_last < share * strongest
+    return strongest <= 0 or best_at_last_subject(result)[1] < share * strongest
 
 
 def embedding_std(
