@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from editing.arch import arch_of, layer_name
+from editing.arch import arch_of, is_matrix, layer_name
 from editing.nethook import capture_input
 from editing.precision import bfloat16_twin, resolve_precision
 from editing.tracing import (
@@ -136,8 +136,7 @@ def test_bfloat16_trace_is_close_to_float32_and_leaves_the_model_float32(model, 
 
 def test_bfloat16_twin_holds_the_current_matrices_and_shares_the_rest(model) -> None:
     name = layer_name(model, 1, "mlp")
-    matrix = next(m for m in model.get_submodule(name).modules() if m is not model.get_submodule(name)
-                  and hasattr(m, "weight") and m.weight.ndim == 2)  # fmt: skip
+    matrix = next(m for m in model.get_submodule(name).modules() if is_matrix(m))
     sub = next(n for n, m in model.named_modules() if m is matrix)
     embed = arch_of(model).embed
     before = matrix.weight.detach().clone()
