@@ -19,10 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from chat_app.probes import stream_chat  # noqa: E402
 from editing import RomeEditor, load_model  # noqa: E402
 from editing.datasets import load_cases, sample_cases  # noqa: E402
 from editing.metrics import object_probs, repetition  # noqa: E402
@@ -44,22 +43,18 @@ def scores(model, tok, case) -> tuple[float, float, float]:  # type: ignore[no-u
 LOOP = 0.3  # a reply with more than this share of repeated trigrams reads as a loop
 
 
-def chat_replies(model, tok, questions: list[str], max_new_tokens: int = 48, penalty: float = 1.0) -> list[str]:  # type: ignore[no-untyped-def]
-    """Greedy replies to single-turn questions through the chat template, as the app's chat answers."""
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-             for q in questions]  # fmt: skip
-    batch = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(**batch.to(model.device), do_sample=False, top_p=None, top_k=None, temperature=None,
-                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             repetition_penalty=penalty)  # fmt: skip
-    width = batch["input_ids"].shape[1]
-    return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
+def chat_reply(model, tok, question: str, penalty: float, max_new_tokens: int = 48) -> str:  # type: ignore[no-untyped-def]
+    """The app's greedy chat reply (``chat_app.probes.stream_chat``) to a single-turn question."""
+    reply = ""
+    for reply in stream_chat(model, tok, [{"role": "user", "content": question}], 0.0, max_new_tokens,
+                             repetition_penalty=penalty):  # fmt: skip
+        pass
+    return reply
 
 
 def chat_check(model, tok, case, penalty: float = 1.0) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
     """(mean repetition, share of loops, 1 if the reply to the prompt names the new object) for one case."""
-    about, answer = chat_replies(model, tok, [f"Tell me about {case.subject}.", case.prompt], penalty=penalty)
+    about, answer = (chat_reply(model, tok, q, penalty) for q in (f"Tell me about {case.subject}.", case.prompt))
     reps = [repetition(about), repetition(answer)]
     return statistics.mean(reps), statistics.mean(float(r > LOOP) for r in reps), float(
         case.target_new.lower() in answer.lower()
