@@ -80,7 +80,8 @@ class EditService:
         self.weights = RWLock()
         self._edit_mutex = threading.Lock()
         self._edits: dict[int, RankOneEdit] = {}  # ledger id -> applied edit object
-        # ROME_CHAT_MIN_TARGET_PROB: tiny test models, which cannot become confident, run the app with 0
+        # ROME_CHAT_MIN_TARGET_PROB: tiny test models, which cannot become confident, run the app with 0;
+        # 0 also lifts the check that the edited prompt's answer names the target, which they cannot meet
         self.min_target_prob = float(os.environ.get("ROME_CHAT_MIN_TARGET_PROB", MIN_TARGET_PROB))
 
     # ----- reading -----------------------------------------------------------------------
@@ -172,17 +173,25 @@ class EditService:
 
     def apply(
         self, request: EditRequest, *, paraphrases: list[str] = (), neighbours: list[str] = (),  # type: ignore[assignment]
-        note: str | None = None, author: str | None = None, allow_outlier: bool = False,
+        note: str | None = None, author: str | None = None, allow_outlier: bool = False, force: bool = False,
         progress: Progress | None = None, **overrides: Any,
     ) -> ApplyResult:
-        """Compute, record, apply and verify an edit; supersede applied edits of the same subject and relation."""
+        """Compute, check, record and apply an edit; supersede applied edits of the same subject and relation.
+
+        The edit is computed, and its probes answered, on the weights it will be applied to: the
+        applied edits less the ones it supersedes (a thread-local view; chats keep the live weights).
+        When the edited prompt's greedy answer does not name the target, the edit is refused and
+        recorded as such, unless ``force``: then it is applied and its probes record that it does not hold.
+        """
         self._writable()
         prompts = self._probe_prompts(request, list(paraphrases), list(neighbours))
         if note is not None and len(note) > MAX_NOTE_CHARS:
             raise ValueError(f"notes are limited to {MAX_NOTE_CHARS} characters; this one has {len(note)}")
         actor = author or self.actor
         with self._edit_mutex:
-            with self.weights.read():
+            old = self.conflicts(request)
+            old_edits = [self._edits[r.id] for r in old]
+            with self.weights.read(), self.editor.view(without=old_edits):
                 self.editor.validate(request, **overrides)
                 before = [(p, k, complete(self.model, self.tok, p)) for p, k in prompts]
                 try:
@@ -190,32 +199,43 @@ class EditService:
                 except FloatingPointError as err:
                     self._refuse(request, str(err), actor, before[0][2])
                     raise ValueError(f"edit refused: {err}") from err
-            reason = self._guard(edit, allow_outlier)
-            if reason:
-                meta, factors = edit.to_payload()
-                self.ledger.record_refused(meta, reason, factors, note=note, author=actor, answer_before=before[0][2])
-                raise ValueError(f"edit refused: {reason}")
-            old = self.conflicts(request)
+                reason = self._guard(edit, allow_outlier)
+                probes = () if reason else self._after_probes(request, edit, before)
+            if not reason and not probes[0].holds and not force and self.min_target_prob > 0:
+                reason = (f"the edited prompt still answers {probes[0].after!r}, which does not name {request.target!r}; "
+                          "try more steps, a higher learning rate or another layer, or apply anyway (force)")  # fmt: skip
             meta, factors = edit.to_payload()
+            if reason:
+                self.ledger.record_refused(meta, reason, factors, probes=[p.to_dict() for p in probes] or None,
+                                           note=note, author=actor, answer_before=before[0][2])  # fmt: skip
+                raise ValueError(f"edit refused: {reason}")
             edit_id = self.ledger.record_pending(meta, factors, note=note, author=actor, answer_before=before[0][2])
             try:
                 with self.weights.write():
-                    for record in old:
-                        self.editor.revert(self._edits.pop(record.id))
+                    for edit_old in old_edits:
+                        self.editor.revert(edit_old)
                     checksum = self.editor.apply(edit)
+                    for record in old:
+                        del self._edits[record.id]
                     self._edits[edit_id] = edit
-                    probes = tuple(Probe(p, k, request.target if k != "neighbour" else b, b,
-                                         complete(self.model, self.tok, p)) for p, k, b in before)  # fmt: skip
                     self.ledger.mark_applied(
                         edit_id, checksum, answer_after=probes[0].after, probes=[p.to_dict() for p in probes],
                         actor=actor, supersedes=[r.id for r in old],
                     )  # fmt: skip
+                    if old:
+                        self._store_state_checksums({e.param_name for e in old_edits})
             except BaseException as err:
                 self._resync(f"apply of edit #{edit_id} failed: {err}", failed_id=edit_id)
                 raise
             if progress is not None:
                 progress("done", 1.0)
             return ApplyResult(edit_id, self.ledger.get(edit_id), probes, tuple(r.id for r in old), edit.stats)
+
+    def _after_probes(self, request: EditRequest, edit: RankOneEdit, before: list[tuple[str, str, str]]) -> tuple[Probe, ...]:
+        """Each probe answered by the model as it will be once ``edit`` is applied (this thread only)."""
+        with self.editor.view(extra=[edit]):
+            return tuple(Probe(p, k, request.target if k != "neighbour" else b, b, complete(self.model, self.tok, p))
+                         for p, k, b in before)  # fmt: skip
 
     def _refuse(self, request: EditRequest, reason: str, actor: str, answer_before: str) -> None:
         meta = {"subject": request.subject, "relation": request.relation, "target": request.target,
@@ -240,7 +260,7 @@ class EditService:
             except BaseException as err:
                 self._resync(f"revert of edit #{edit_id} failed: {err}")
                 raise
-            self._store_state_checksums()
+            self._store_state_checksums({record.param_name})
             return self.ledger.get(edit_id)
 
     def reapply(self, edit_id: int, actor: str | None = None) -> EditRecord:
@@ -319,8 +339,10 @@ class EditService:
             if order != [r.id for r in records]:
                 problems.append(f"weights hold edits {order} but the ledger's applied sequence is {[r.id for r in records]}")
             for record, checksum in zip(records, self.editor.sequence_checksums()):
-                if record.state_checksum not in (None, checksum):
-                    problems.append(f"edit #{record.id}: parameter checksum {checksum[:12]}… differs from the stored one")
+                if record.state_checksum is None:
+                    problems.append(f"edit #{record.id}: no parameter checksum is stored, so its state cannot be verified")
+                elif record.state_checksum != checksum:
+                    problems.append(f"edit #{record.id}: parameter checksum {str(checksum)[:12]}… differs from the stored one")
         return problems
 
     def _resync(self, why: str, failed_id: int | None = None) -> None:
@@ -337,9 +359,18 @@ class EditService:
             edits = [RankOneEdit.from_payload(r.meta, r.factors or b"") for r in records]
             self.editor.rebuild(edits)
             self._edits = {r.id: e for r, e in zip(records, edits)}
+            if any(r.state_checksum is None for r in records):
+                try:
+                    self._store_state_checksums()
+                except (LedgerError, ValueError) as err:
+                    log.error("could not store the rebuilt state checksums: %s", err)
 
-    def _store_state_checksums(self) -> None:
-        """After a rebuild, the checksum of each applied edit's parameter at its (new) position."""
+    def _store_state_checksums(self, names: set[str] | None = None) -> None:
+        """After a rebuild, the checksum of each applied edit's parameter at its (new) position.
+
+        Only edits of ``names`` (default: all) are hashed: removing an edit changes the states of
+        later edits of its own parameter and of no other.
+        """
         by_object = {id(edit): edit_id for edit_id, edit in self._edits.items()}
-        sums = self.editor.sequence_checksums()
-        self.ledger.set_state_checksums({by_object[id(e)]: c for e, c in zip(self.editor.applied, sums)})
+        sums = self.editor.sequence_checksums(names)
+        self.ledger.set_state_checksums({by_object[id(e)]: c for e, c in zip(self.editor.applied, sums) if c is not None})

@@ -31,16 +31,21 @@ def next_position(s: Session) -> int:
 def leave_sequence(s: Session, row: Edit) -> None:
     """Take ``row`` out of the sequence; later edits move up one place.
 
-    Their state checksums are cleared: the parameter after them changes, and the service
-    recomputes them after its rebuild (``set_state_checksums``).
+    The state checksums of later edits of the same parameter are cleared: that parameter's
+    state after each of them changes, and the service stores the new ones after its rebuild
+    (``set_state_checksums``). Later edits of other parameters keep theirs: their states do not change.
     """
     lock_sequence(s)
     removed, row.position, row.state_checksum = row.position, None, None
     s.flush()
     if removed is not None:
+        later = Edit.position > removed
         s.execute(
-            update(Edit).where(Edit.position > removed)
-            .values(position=Edit.position - 1, state_checksum=None)
+            update(Edit).where(later, Edit.param_name == row.param_name).values(state_checksum=None)
+            .execution_options(synchronize_session="fetch")
+        )
+        s.execute(
+            update(Edit).where(later).values(position=Edit.position - 1)
             .execution_options(synchronize_session="fetch")
         )
 

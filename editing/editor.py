@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class RomeEditor:
         self._covs: dict[tuple[int, int], torch.Tensor] = {}
         self._lus: dict[tuple[int, int], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._templates: list[str] | None = None
+        self._local = threading.local()  # .view: this thread's parameter overrides (see ``view``)
 
     # ----- preparation -------------------------------------------------------------
     def hparams_for(self, request: EditRequest, **overrides: object) -> RomeHyperParams:
@@ -116,7 +118,7 @@ class RomeEditor:
         cov = self.cov(hp.layer, hp.stats_samples, progress)
         timings["stats_s"] = time.perf_counter() - t0
         name = mlp_out_param_name(self.model, hp.layer)
-        param = self.model.get_parameter(name)
+        param = self._current(name)
         before = tensor_checksum(param)
         t0 = time.perf_counter()
         key = compute_key(self.model, hp.layer, key_rows, self.tok.pad_token_id)
@@ -129,7 +131,7 @@ class RomeEditor:
         value_dir, key_dir = rank_one_factors(cov, key, result.delta, self._cov_lu(hp.layer, hp.stats_samples))
         if not (torch.isfinite(value_dir).all() and torch.isfinite(key_dir).all()):
             raise FloatingPointError("the computed update has non-finite values")
-        after = tensor_checksum(self._added(name, value_dir, key_dir))
+        after = tensor_checksum(self._added(name, value_dir, key_dir, param))
         if progress is not None:
             progress("update", 1.0)
         stats = {
@@ -148,6 +150,42 @@ class RomeEditor:
         )  # fmt: skip
 
     # ----- weights ----------------------------------------------------------------------
+    def _current(self, name: str) -> torch.Tensor:
+        """The parameter as this thread's forward passes see it (``view`` overrides the live one)."""
+        view = getattr(self._local, "view", None) or {}
+        return view[name] if name in view else self.model.get_parameter(name).detach()
+
+    def _sum(self, name: str, edits: Sequence[RankOneEdit]) -> torch.Tensor:
+        """Baseline of ``name`` plus those of ``edits`` that touch it, added in order as ``_rebuild`` does."""
+        tensor = self._baseline.get(name, self.model.get_parameter(name)).detach()
+        for edit in edits:
+            if edit.param_name == name:
+                tensor = self._added(name, edit.value_dir, edit.key_dir, tensor)
+        return tensor
+
+    @contextmanager
+    def view(self, without: Sequence[RankOneEdit] = (), extra: Sequence[RankOneEdit] = ()) -> Iterator[None]:
+        """Forward passes and ``compute`` in this thread see the applied edits less ``without``, then ``extra``.
+
+        The parameters are untouched: other threads see the live weights. The view's tensors are
+        bit-identical to what ``revert`` of ``without`` followed by ``apply`` of ``extra`` would leave,
+        so an edit computed inside ``view(without=old)`` is computed on the weights it will be applied to.
+        """
+        for edit in extra:
+            self._check(edit)
+        names = {e.param_name for e in (*without, *extra)}
+        if not names:
+            yield
+            return
+        kept = [e for e in self._applied if not any(e is w for w in without)] + list(extra)
+        state = {name: self._sum(name, kept) for name in names}
+        self._local.view = state
+        try:
+            with replace_weights(self.model, state):
+                yield
+        finally:
+            self._local.view = None
+
     def _added(
         self, name: str, value_dir: torch.Tensor, key_dir: torch.Tensor, base: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -218,11 +256,18 @@ class RomeEditor:
         self._applied = []
 
     @torch.no_grad()
-    def sequence_checksums(self) -> list[str]:
-        """For each applied edit, in order: its parameter's checksum right after it was added."""
-        state = {name: base.clone() for name, base in self._baseline.items()}
-        sums = []
+    def sequence_checksums(self, names: set[str] | None = None) -> list[str | None]:
+        """For each applied edit, in order: its parameter's checksum right after it was added.
+
+        With ``names``, only edits of those parameters are hashed (the others get None): a revert
+        changes the states of later edits of its own parameter only.
+        """
+        state = {name: base for name, base in self._baseline.items() if names is None or name in names}
+        sums: list[str | None] = []
         for edit in self._applied:
+            if edit.param_name not in state:
+                sums.append(None)
+                continue
             state[edit.param_name] = self._added(edit.param_name, edit.value_dir, edit.key_dir, state[edit.param_name])
             sums.append(tensor_checksum(state[edit.param_name]))
         return sums
