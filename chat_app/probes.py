@@ -1,12 +1,13 @@
 """What the model says: greedy completions, top next tokens, probe checks, streamed chat."""
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 REPETITION_PENALTY = 1.2  # chat default (1 = off): edited replies looped in 16.7 % of cases at 1.0, none at 1.2 (README)
 
@@ -45,6 +46,16 @@ def holds(kind: str, expected: str, answer: str) -> bool:
     return norm(answer).startswith(norm(expected))
 
 
+class StopOnEvent(StoppingCriteria):
+    """Ends generation at the next token once ``event`` is set (the reader stopped listening)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def stream_chat(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -57,21 +68,23 @@ def stream_chat(
     """Yield the reply as it grows. ``context`` (a context manager) wraps generation in its thread.
 
     ``repetition_penalty`` (1 = off) divides the scores of tokens already in the conversation.
+    Generation never outlives this generator: when the caller stops reading (a Stop button, a
+    disconnect: ``close()``), decoding ends at the next token and the thread is joined before
+    control returns, so a caller's weights lock is not released under a running forward pass.
     """
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
     sampling["repetition_penalty"] = repetition_penalty
+    stop = threading.Event()
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            if context is None:
-                model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id, **sampling)
-            else:
-                with context:  # type: ignore[attr-defined]
-                    model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id, **sampling)
+            with context if context is not None else contextlib.nullcontext():  # type: ignore[attr-defined]
+                model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id,
+                               stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]), **sampling)  # fmt: skip
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(err)
             streamer.end()
@@ -79,9 +92,12 @@ def stream_chat(
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     text = ""
-    for piece in streamer:
-        text += piece
-        yield text
-    thread.join()
+    try:
+        for piece in streamer:
+            text += piece
+            yield text
+    finally:
+        stop.set()
+        thread.join()
     if errors:
         raise errors[0]

@@ -98,11 +98,14 @@ def _wire_chat(service: EditService, c: SimpleNamespace) -> None:
         return cleared, conv, orig, conv, orig
 
     private = {"api_visibility": "private"}
-    gr.on([c.message.submit, c.send.click], submit, [c.message, c.conv, c.orig],
+    reply = gr.on([c.message.submit, c.send.click], submit, [c.message, c.conv, c.orig],
           [c.message, c.conv, c.orig, c.chatbot, c.original], queue=False, **private).success(
         respond, [c.conv, c.orig, c.system, c.temperature, c.max_new, c.compare, c.penalty],
         [c.chatbot, c.original, c.conv, c.orig], **private,
     )  # fmt: skip
+    # Stop cancels the streaming event: its generator is closed, and stream_chat ends decoding at the
+    # next token and joins the generating thread before the weights lock is released.
+    c.stop.click(None, None, None, cancels=[reply], queue=False, **private)
     c.compare.change(lambda on: gr.Chatbot(visible=on), c.compare, c.original, queue=False, **private)
     c.clear.click(lambda: ([], [], [], []), None, [c.chatbot, c.original, c.conv, c.orig], queue=False, **private)
     gr.api(chat, api_name="chat")

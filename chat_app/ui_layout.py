@@ -29,6 +29,7 @@ def chat_tab() -> SimpleNamespace:
         c.message = gr.Textbox(placeholder="Ask something, e.g. “Where is the Eiffel Tower?”", show_label=False,
                                scale=8, elem_id="chat-input", max_length=ui_chat.MAX_MESSAGE_CHARS)  # fmt: skip
         c.send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+        c.stop = gr.Button("Stop", variant="stop", scale=0, min_width=80, elem_id="chat-stop")
     with gr.Row():
         c.compare = gr.Checkbox(label="Compare with the original model", value=False, elem_id="chat-compare")
         c.clear = gr.Button("Clear conversation", size="sm", scale=0)

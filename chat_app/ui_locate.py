@@ -41,7 +41,7 @@ def trace_fact(service: EditService, prompt: str, subject: str, expected: str | 
     """``editing.tracing.trace`` on the service's current (edited) model, under its read lock."""
     from editing.tracing import trace
 
-    with service.weights.read():
+    with service.weights.read(long=True):
         return trace(service.model, service.tok, prompt, subject, expected or None, samples=samples,
                      progress=progress, kinds=tuple(kinds), precision=precision or "auto")  # fmt: skip
 
