@@ -10,7 +10,7 @@ import os
 import sys
 
 from chat_app.runtime import Settings
-from editing.precision import PRECISIONS
+from editing.tracing.precision import PRECISIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     settings = Settings(model=args.model, db=args.db, device=args.device, read_only=args.read_only)
     if args.command == "evaluate":
-        from editing.evaluate import main as evaluate_main
+        from editing.evaluation.evaluate import main as evaluate_main
 
         rest = (argv if argv is not None else sys.argv[1:])
         rest = rest[rest.index("evaluate") + 1 :]

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from editing import RomeEditor, load_model  # noqa: E402
-from editing.datasets import load_cases, sample_cases  # noqa: E402
+from editing.evaluation.datasets import load_cases, sample_cases  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "counterfact_dev.json"
 

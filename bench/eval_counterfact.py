@@ -15,9 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from editing import RomeEditor, load_model  # noqa: E402
-from editing.datasets import load_cases, sample_cases  # noqa: E402
-from editing.ftl import FineTuneL, FTLHyperParams  # noqa: E402
-from editing.metrics import GenerationSettings, score_case  # noqa: E402
+from editing.evaluation.datasets import load_cases, sample_cases  # noqa: E402
+from editing.evaluation.ftl import FineTuneL, FTLHyperParams  # noqa: E402
+from editing.evaluation.metrics import GenerationSettings, score_case  # noqa: E402
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_app.probes import stream_chat  # noqa: E402
 from editing import RomeEditor, load_model  # noqa: E402
-from editing.datasets import load_cases, sample_cases  # noqa: E402
-from editing.metrics import object_probs, repetition  # noqa: E402
+from editing.evaluation.datasets import load_cases, sample_cases  # noqa: E402
+from editing.evaluation.metrics import object_probs, repetition  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "counterfact_dev.json"
 

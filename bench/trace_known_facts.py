@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from editing.loading import load_model
-from editing.trace_plot import plot_average_effects
+from editing.tracing.plot import plot_average_effects
 from editing.tracing import KINDS, TraceResult, embedding_std, trace
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "known_1000.json"

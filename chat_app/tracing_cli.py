@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 def trace_to_png(settings: Settings, prompt: str, subject: str, out: str, precision: str = "auto") -> int:
-    from editing.trace_plot import plot_trace
+    from editing.tracing.plot import plot_trace
     from editing.tracing import strongest_mlp_site, suggest_layer, suggestion_is_weak, trace
 
     model, tok = load_model(settings.model, device=settings.device)

@@ -1,7 +1,7 @@
 """Locate tab: causal tracing of a fact, and carrying its subject, relation and layer into the form.
 
 Tracing reads the current weights, so it runs under the service's read lock (beside chats,
-never beside a weight change). ``editing.tracing`` and ``editing.trace_plot`` are imported
+never beside a weight change). ``editing.tracing`` and ``editing.tracing.plot`` are imported
 lazily: without them the tab shows a message and the rest of the app works.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ PRECISION_CHOICES = [("Auto", "auto"), ("bfloat16 (faster on CPUs that have it)"
 
 
 def available() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("editing.tracing", "editing.trace_plot"))
+    return all(importlib.util.find_spec(m) is not None for m in ("editing.tracing", "editing.tracing.plot"))
 
 
 def relation_of(prompt: str, subject: str) -> str:
@@ -64,8 +64,8 @@ def locate(
 ) -> tuple[Any, str, dict[str, Any] | None]:  # fmt: skip
     """Trace the fact; return the heatmaps figure, a summary and what "use in the form" carries."""
     if not available():
-        raise gr.Error("causal tracing is not installed in this version (editing.tracing / editing.trace_plot)")
-    from editing.trace_plot import plot_trace
+        raise gr.Error("causal tracing is not installed in this version (editing.tracing / editing.tracing.plot)")
+    from editing.tracing.plot import plot_trace
     prompt, subject = (prompt or "").strip(), (subject or "").strip()
     if not prompt or not subject:
         raise gr.Error("type a prompt and the subject it mentions")

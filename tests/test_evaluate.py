@@ -13,10 +13,10 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from editing import RomeEditor
-from editing.datasets import COUNTERFACT, ZSRE, Case, load_cases, parse_records, sample_cases
-from editing.evaluate import UNEDITED, format_table, main, plot_curves, run_evaluation
-from editing.ftl import FineTuneL, FTLHyperParams
-from editing.metrics import (
+from editing.evaluation.datasets import COUNTERFACT, ZSRE, Case, load_cases, parse_records, sample_cases
+from editing.evaluation.evaluate import UNEDITED, format_table, main, plot_curves, run_evaluation
+from editing.evaluation.ftl import FineTuneL, FTLHyperParams
+from editing.evaluation.metrics import (
     METRICS, CaseScores, GenerationSettings, aggregate, fluency, harmonic_mean, ngram_entropy, object_probs,
     repetition, score_case, score_objects,
 )  # fmt: skip
@@ -287,7 +287,7 @@ def test_run_refuses_an_edited_model_and_a_bad_mode(tok) -> None:
 
 
 def test_cli_writes_json_and_plot(tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import editing.evaluate as evaluate
+    import editing.evaluation.evaluate as evaluate
     import editing.loading as loading
 
     model = _llama(tok)

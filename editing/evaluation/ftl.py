@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.arch import mlp_out_param_name, n_layers
-from editing.datasets import Case
+from editing.evaluation.datasets import Case
 from editing.request import EditRequest
 from editing.rows import rewrite_row
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from editing.datasets import ZSRE, Case
+from editing.evaluation.datasets import ZSRE, Case
 from editing.rome import pad_batch
 from editing.tokens import encode
 

@@ -39,7 +39,7 @@ from editing.arch import arch_of, get_module, layer_name, n_layers
 from editing.fingerprint import tensor_checksum
 from editing.loading import cache_dir
 from editing.nethook import capture_input, edit_output
-from editing.precision import arithmetic, resolve_precision
+from editing.tracing.precision import arithmetic, resolve_precision
 from editing.tokens import Encoded, encode
 
 log = logging.getLogger(__name__)
