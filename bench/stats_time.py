@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from editing import load_model  # noqa: E402
-from editing.stats import compute_second_moment, read_corpus  # noqa: E402
+from editing.stats import SAMPLE_SEED, compute_second_moment, read_corpus, shuffled  # noqa: E402
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=200)
     args = ap.parse_args()
     model, tok = load_model()
-    texts = read_corpus()[: args.samples]
+    texts = shuffled(read_corpus(), SAMPLE_SEED)[: args.samples]  # the sample the app uses
     for layer in args.layers:
         t0 = time.perf_counter()
         _, n_tokens = compute_second_moment(model, tok, layer, texts)

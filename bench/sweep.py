@@ -2,9 +2,11 @@
 
     python bench/sweep.py --n 20 --layers 3 6 9 12 --samples 2000 --value-templates 21 11 --lr 0.5
     python bench/sweep.py --n 24 --seed 1 --layers 9 --samples 1000 --value-templates 11 --lr 2 --chat
+    python bench/sweep.py --n 24 --seed 1 --value-templates 11 --lr 2 --samples 1000 \
+        --kl-direction "original||edited" "edited||original" --norm-power 1 2 --early-stop-on nll loss
 
 Prints one row per setting; used to choose the default layer, statistics sample count,
-number of value templates, learning rate and early stop (see README, "How the defaults were chosen").
+number of value templates, learning rate, early stop and the value loss's variant (see README, "How the defaults were chosen").
 ``--chat`` also asks the edited model, through its chat template and greedily, about each case
 ("Tell me about {subject}." and the case's prompt) and reports how repetitive the replies are
 (share of repeated word trigrams, and the share of replies over 0.3: loops) and how often the
@@ -70,6 +72,9 @@ def main() -> None:
     ap.add_argument("--value-templates", type=int, nargs="+", default=[21])
     ap.add_argument("--lr", type=float, nargs="+", default=[0.5])
     ap.add_argument("--early-stop", type=float, nargs="+", default=[0.05], help="early_stop_loss values")
+    ap.add_argument("--kl-direction", nargs="+", default=["original||edited"], choices=["original||edited", "edited||original"])
+    ap.add_argument("--norm-power", type=int, nargs="+", default=[1], choices=[1, 2], help="norm penalty ||d||/||v0||^p")
+    ap.add_argument("--early-stop-on", nargs="+", default=["nll"], choices=["nll", "loss"])
     ap.add_argument("--chat", action="store_true", help="also check the edited model's chat replies")
     ap.add_argument("--chat-penalty", type=float, default=1.0, help="repetition penalty of those chat replies")
     ap.add_argument("--method", default="fast")
@@ -85,17 +90,19 @@ def main() -> None:
         print(f"unedited chat (repetition penalty {args.chat_penalty}): repetition {statistics.mean(c[0] for c in chat0):.3f} "
               f"loops {100 * statistics.mean(c[1] for c in chat0):.1f}% names new {100 * statistics.mean(c[2] for c in chat0):.1f}%",
               flush=True)  # fmt: skip
-    print("layer samples vtempl lr   stop    ES    PS    NS   median_s mean_steps"
+    print("layer samples vtempl lr   stop  kl               pow on     ES    PS    NS   median_s mean_steps"
           + ("   rep loops% names%" if args.chat else ""), flush=True)  # fmt: skip
-    grid = itertools.product(args.layers, args.samples, args.value_templates, args.lr, args.early_stop)
-    for layer, n_samples, vt, lr, stop in grid:
+    grid = itertools.product(args.layers, args.samples, args.value_templates, args.lr, args.early_stop,
+                             args.kl_direction, args.norm_power, args.early_stop_on)  # fmt: skip
+    for layer, n_samples, vt, lr, stop, kl, power, stop_on in grid:
         editor.cov(layer, n_samples)  # statistics outside the timing
         rows, times, steps, chats = [], [], [], []
         for case in cases:
             t0 = time.perf_counter()
             try:
                 edit = editor.compute(case.request(layer), stats_samples=n_samples, value_templates=vt, lr=lr,
-                                      early_stop_loss=stop)  # fmt: skip
+                                      early_stop_loss=stop, kl_direction=kl, norm_power=power,
+                                      early_stop_on=stop_on)  # fmt: skip
             except ValueError as err:
                 print(f"  skipped case {case.case_id}: {err}", flush=True)
                 continue
@@ -111,7 +118,7 @@ def main() -> None:
         mean = lambda i: 100 * statistics.mean(r[i] for r in rows)  # noqa: E731
         chat = (f" {statistics.mean(c[0] for c in chats):5.3f} {100 * statistics.mean(c[1] for c in chats):6.1f} "
                 f"{100 * statistics.mean(c[2] for c in chats):6.1f}") if chats else ""  # fmt: skip
-        print(f"{layer:5d} {n_samples:7d} {vt:6d} {lr:4.2f} {stop:5.2f} {mean(0):5.1f} {mean(1):5.1f} {mean(2):5.1f} "
+        print(f"{layer:5d} {n_samples:7d} {vt:6d} {lr:4.2f} {stop:5.2f} {kl:16s} {power:3d} {stop_on:4s} {mean(0):5.1f} {mean(1):5.1f} {mean(2):5.1f} "
               f"{statistics.median(times):8.2f} {statistics.mean(steps):6.1f}{chat}", flush=True)  # fmt: skip
 
 

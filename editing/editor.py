@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.arch import get_module, is_transposed, mlp_out_param_name, n_layers, rank_one_delta
 from editing.edit import RankOneEdit
-from editing.fingerprint import model_fingerprint, tensor_checksum
+from editing.fingerprint import identify_model, tensor_checksum
 from editing.nethook import replace_weights
 from editing.hparams import RomeHyperParams, default_hparams
 from editing.request import EditRequest
@@ -46,7 +46,7 @@ class RomeEditor:
     ) -> None:
         self.model, self.tok = model, tok
         self.hparams = hparams or default_hparams(model)
-        self.fingerprint = fingerprint or model_fingerprint(model)
+        self.fingerprint = fingerprint or identify_model(model)
         self.corpus = corpus
         self.method = method
         self.n_layers = n_layers(model)
@@ -54,7 +54,7 @@ class RomeEditor:
         self._applied: list[RankOneEdit] = []
         self._covs: dict[tuple[int, int], torch.Tensor] = {}
         self._lus: dict[tuple[int, int], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._templates: list[str] | None = None
+        self._template_sets: dict[tuple[tuple[tuple[int, int], ...], int], list[str]] = {}  # (templates, seed) -> list
         self._local = threading.local()  # .view: this thread's parameter overrides (see ``view``)
 
     # ----- preparation -------------------------------------------------------------
@@ -68,12 +68,23 @@ class RomeEditor:
             raise ValueError(f"layer {hp.layer} is out of range; this model has layers 0 to {self.n_layers - 1}")
         return hp
 
-    def context_templates(self) -> list[str]:
-        if self._templates is None:
-            hp = self.hparams
+    def context_templates(self, hp: RomeHyperParams | None = None) -> list[str]:
+        """The context prefixes for ``hp``'s ``templates`` and ``seed`` (default: the editor's), from the unedited model."""
+        hp = hp or self.hparams
+        key = (hp.templates, hp.seed)
+        if key not in self._template_sets:
             with self.original_weights():
-                self._templates = context_templates(self.model, self.tok, self.fingerprint, hp.templates, hp.seed)
-        return self._templates
+                self._template_sets[key] = context_templates(self.model, self.tok, self.fingerprint, *key)
+        return self._template_sets[key]
+
+    @property
+    def _templates(self) -> list[str] | None:
+        """The default hyperparameters' templates (tests set them to skip generation)."""
+        return self._template_sets.get((self.hparams.templates, self.hparams.seed))
+
+    @_templates.setter
+    def _templates(self, templates: list[str]) -> None:
+        self._template_sets[(self.hparams.templates, self.hparams.seed)] = templates
 
     def cov(self, layer: int, n_samples: int | None = None, progress: Progress | None = None) -> torch.Tensor:
         """C = E[k kᵀ] at ``layer`` of the unedited model (float64, CPU)."""
@@ -96,7 +107,7 @@ class RomeEditor:
 
     def rows(self, request: EditRequest, hp: RomeHyperParams) -> tuple[list[Row], list[Row], Row]:
         """Key rows, value rows and the KL row; raises ``ValueError`` if the request does not tokenise."""
-        templates = self.context_templates()
+        templates = self.context_templates(hp)
         keys = [key_row(self.tok, t, request) for t in templates]
         values = [rewrite_row(self.tok, t, request) for t in templates[: hp.value_templates]]
         if len(values[0].input_ids) > MAX_PROMPT_TOKENS:

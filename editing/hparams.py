@@ -11,14 +11,20 @@ from torch import nn
 from editing.arch import n_layers
 
 
+KL_DIRECTIONS = ("original||edited", "edited||original")
+
+
 @dataclass(frozen=True)
 class RomeHyperParams:
     layer: int  # block whose MLP output projection is rewritten
     lr: float = 0.5  # Adam learning rate for the value delta
     steps: int = 20  # most optimisation steps
     early_stop_loss: float = 0.05  # stop once the target's mean NLL is below this
-    kl_factor: float = 0.0625  # weight of KL(original || edited) on "{subject} is a"
-    norm_penalty: float = 0.5  # weight of ||delta|| / ||v0|| in the loss
+    kl_factor: float = 0.0625  # weight of the KL term on "{subject} is a"
+    kl_direction: str = "original||edited"  # or "edited||original", the reference code's (README, "Value loss")
+    norm_penalty: float = 0.5  # weight of ||delta|| / ||v0||^norm_power in the loss
+    norm_power: int = 1  # 1: scale-free ||delta|| / ||v0||; 2: the reference code's ||delta|| / ||v0||^2
+    early_stop_on: str = "nll"  # "nll": the target's NLL; "loss": the whole loss, as the reference code
     clamp_factor: float = 4.0  # ||delta|| is clamped to this times ||v0||
     kl_prompt: str = "{} is a"  # essence prompt kept stable by the KL term
     templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, count) of context prefixes
@@ -41,6 +47,9 @@ class RomeHyperParams:
             (0 <= self.early_stop_loss < 10, "early_stop_loss must be in [0, 10)"),
             (0 <= self.kl_factor <= 100, "kl_factor must be in [0, 100]"),
             (0 <= self.norm_penalty <= 100, "norm_penalty must be in [0, 100]"),
+            (self.kl_direction in KL_DIRECTIONS, f"kl_direction must be one of {', '.join(KL_DIRECTIONS)}"),
+            (self.norm_power in (1, 2), "norm_power must be 1 (||delta|| / ||v0||) or 2 (||delta|| / ||v0||^2)"),
+            (self.early_stop_on in ("nll", "loss"), "early_stop_on must be 'nll' or 'loss'"),
             (0 < self.clamp_factor <= 100, "clamp_factor must be in (0, 100]"),
             (self.kl_prompt.count("{}") == 1, "kl_prompt must contain exactly one {}"),
             (1 <= self.value_templates <= 1 + sum(n for _, n in self.templates), "value_templates out of range"),

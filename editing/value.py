@@ -125,6 +125,21 @@ def fast_forward(
     return forward
 
 
+def kl_term(original: torch.Tensor, edited: torch.Tensor, direction: str) -> torch.Tensor:
+    """KL between next-token log-distributions (V,): ``"original||edited"`` (ours) or ``"edited||original"``.
+
+    The reference code (``torch.nn.functional.kl_div(original, edited, log_target=True)``) computes
+    KL(edited ‖ original); README, "Value loss", has the measured comparison.
+    """
+    p, q = (original, edited) if direction == "original||edited" else (edited, original)
+    return (p.exp() * (p - q)).sum()
+
+
+def norm_term(delta: torch.Tensor, v0_norm: float, hp: RomeHyperParams) -> torch.Tensor:
+    """``norm_penalty · ‖δ‖ / ‖v0‖^norm_power``: power 1 is scale-free (ours), power 2 is the reference code's."""
+    return hp.norm_penalty * delta.norm() / max(v0_norm, 1e-8) ** hp.norm_power
+
+
 def optimise_value(
     model: PreTrainedModel,
     hp: RomeHyperParams,
@@ -135,7 +150,11 @@ def optimise_value(
     method: str = "fast",
     progress: Progress | None = None,
 ) -> ValueResult:
-    """Adam on ``delta`` to minimise target NLL + KL on the essence prompt + a norm penalty; clamped each step."""
+    """Adam on ``delta`` to minimise target NLL + KL on the essence prompt + a norm penalty; clamped each step.
+
+    Stops early once the target NLL (``early_stop_on="nll"``) or the whole loss (``"loss"``, as the
+    reference code) is below ``early_stop_loss``.
+    """
     builders = {"fast": fast_forward, "prefix": partial(fast_forward, skip_below=False), "plain": plain_forward}
     if method not in builders:
         raise ValueError(f"method must be one of {sorted(builders)}")
@@ -157,14 +176,14 @@ def optimise_value(
         nll = -per_row.mean()
         if kl_ref is None:
             kl_ref = kl_logp.detach()  # delta is zero on the first step: the original distribution
-        kl_div = (kl_ref.exp() * (kl_ref - kl_logp)).sum()
-        loss = nll + hp.kl_factor * kl_div + hp.norm_penalty * delta.norm() / max(v0_norm, 1e-8)
+        loss = nll + hp.kl_factor * kl_term(kl_ref, kl_logp, hp.kl_direction) + norm_term(delta, v0_norm, hp)
         losses.append(nll.item())
         if progress is not None:
             progress("value", (step + 1) / hp.steps)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"value optimisation diverged at step {step} (loss {loss.item()})")
-        if losses[-1] < hp.early_stop_loss or step == hp.steps - 1:
+        watched = losses[-1] if hp.early_stop_on == "nll" else loss.item()
+        if watched < hp.early_stop_loss or step == hp.steps - 1:
             break
         loss.backward()
         opt.step()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import app
 from tests.tiny import tiny_llama, tiny_tokenizer
@@ -71,5 +72,25 @@ def test_cli_trace_saves_a_picture_and_names_the_layer(run, tmp_path, monkeypatc
     assert "suggested layer" in out and str(out_png) in out
     code, out, _ = run("trace", *prompt, "--subject", "The Eiffel tower", "--out", str(out_png), "--precision", "float32")
     assert code == 0 and "float32" in out
-    code, out, _ = run("trace", *prompt, "--subject", "Big Ben", "--out", str(out_png))
-    assert code == 2 and "error" in out
+    code, out, err = run("trace", *prompt, "--subject", "Big Ben", "--out", str(out_png))
+    assert code == 2 and "error:" in err and out == ""  # errors go to stderr
+
+
+def test_cli_trace_traces_the_edited_model(run, model_dir, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import editing.tracing
+    from editing import load_model
+
+    monkeypatch.setattr("editing.tracing.embedding_std", lambda *_a, **_k: 0.3)  # no corpus read
+    seen = []
+    real = editing.tracing.trace
+    monkeypatch.setattr(editing.tracing, "trace", lambda model, *a, **k: seen.append(
+        {n: p.clone() for n, p in model.state_dict().items()}) or real(model, *a, **k))  # fmt: skip
+    base = load_model(model_dir)[0].state_dict()
+    args = ("trace", "--prompt", "The Eiffel tower is in", "--subject", "The Eiffel tower", "--out", str(tmp_path / "t.png"))
+    assert run(*args)[0] == 0
+    assert all(torch.equal(seen[-1][n], base[n]) for n in base)  # an empty ledger: the base model
+    assert run("edit", "--subject", "The Eiffel tower", "--relation", "Located in {}", "--target", "rome")[0] == 0
+    code, out, _ = run(*args)
+    assert code == 0 and "1 applied edits" in out
+    changed = [n for n in base if not torch.equal(seen[-1][n], base[n])]
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]  # the edit's layer, replayed from the ledger

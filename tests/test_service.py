@@ -191,3 +191,20 @@ def test_edit_that_does_not_take_is_refused_and_recorded(ledger_path) -> None:  
     assert same(state(svc), before)
     assert [r.status for r in svc.ledger.history()] == ["refused"]
     assert not svc.ledger.applied()
+
+
+@pytest.mark.parametrize("cov", ["indefinite", "singular"])
+def test_degenerate_statistics_refuse_the_edit_and_record_it(ledger_path, cov: str) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    svc = start(ledger_path)
+    editor = svc.editor
+    key = (editor.hparams.layer, editor.hparams.stats_samples)
+    d = editor._covs[key].shape[0]  # noqa: SLF001 - the test plants a degenerate C
+    editor._covs[key] = -torch.eye(d, dtype=torch.float64) if cov == "indefinite" else torch.zeros(d, d, dtype=torch.float64)  # noqa: SLF001
+    base = state(svc)
+    with pytest.raises(ValueError, match="edit refused: the key statistics"):
+        svc.apply(A)
+    (record,) = svc.history()
+    assert record.status == "refused" and "key statistics" in record.refusal_reason
+    assert same(state(svc), base) and svc.ledger.applied() == []

@@ -36,7 +36,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.arch import arch_of, get_module, layer_name, n_layers
-from editing.fingerprint import tensor_checksum
+from editing.fingerprint import cached_checksum
 from editing.loading import cache_dir
 from editing.nethook import capture_input, edit_output
 from editing.tracing.precision import arithmetic, resolve_precision
@@ -120,7 +120,7 @@ def embedding_std(
     from editing.stats import read_corpus  # the corpus is needed only on a cache miss
 
     embed = get_module(model, arch_of(model).embed)
-    key = model_id or tensor_checksum(embed.weight)[:16]
+    key = model_id or cached_checksum(embed.weight)[:16]  # hashed once per matrix, not once per trace
     path = cache_dir() / "noise" / f"{key}-n{n_texts}.json"
     if path.is_file():
         try:
@@ -407,7 +407,10 @@ def trace(
         raise ValueError("the model is in training mode (dropout makes the trace random); call model.eval()")
     start, end = prompt.index(subject), prompt.index(subject) + len(subject)
     enc = encode(tok, prompt, start, end)
-    answer_id = None if expected is None else encode(tok, prompt, start, end, expected.strip()).input_ids[enc.n_prompt]
+    answer_id = None
+    if expected is not None:  # the first answer token, indexed in the prompt+answer encoding by its own prompt length
+        full = encode(tok, prompt, start, end, expected.strip())
+        answer_id = full.input_ids[full.n_prompt]
     level = 3 * embedding_std(model, tok) if noise is None else float(noise)
     noise_t = make_noise(model, samples, enc.subject_last + 1 - enc.subject_first, level, seed)
     n_tok = len(enc.input_ids)
