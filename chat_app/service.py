@@ -173,9 +173,13 @@ class EditService:
     def apply(
         self, request: EditRequest, *, paraphrases: list[str] = (), neighbours: list[str] = (),  # type: ignore[assignment]
         note: str | None = None, author: str | None = None, allow_outlier: bool = False,
-        progress: Progress | None = None, **overrides: Any,
+        progress: Progress | None = None, force: bool = False, **overrides: Any,
     ) -> ApplyResult:
-        """Compute, record, apply and verify an edit; supersede applied edits of the same subject and relation."""
+        """Compute, record, apply and verify an edit; supersede applied edits of the same subject and relation.
+
+        ``force``: apply even when the edit's own prompt does not hold afterwards (the lead's refusal; here a
+        pass-through accepted so the CLI and the form can send it).
+        """
         self._writable()
         prompts = self._probe_prompts(request, list(paraphrases), list(neighbours))
         if note is not None and len(note) > MAX_NOTE_CHARS:
