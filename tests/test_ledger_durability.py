@@ -2,6 +2,7 @@
 recreated, damage is named for what it is, and a damaged edit can be left out on purpose."""
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from chat_app.runtime import Settings, check_not_emptied, remember
+from chat_app.service import EditService
 from chat_app.startup import replay
 from chat_app.transfer import export_file
 from db import Ledger, LedgerError, read_export
@@ -175,3 +177,40 @@ def test_skip_edit_quarantines_it_records_an_event_and_replays_the_others(three:
     assert [e.meta["subject"] for e in read_export(tmp_path / "others.zip").edits] == [A.subject, C.subject]
     replay(service, skip=(2,))  # the same flag at the next start: nothing more to do
     service.ledger.close()
+
+
+# ----- the command line: backup, --skip-edit, --force, "applied, not holding" ----------------------
+def test_cli_backup_skip_edit_and_not_holding(run: Any, disk: dict[str, Path], tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    shutil.copy(disk["ledger.db"], db)
+    code, out, _ = run(db, "backup", str(tmp_path / "copy.db"))
+    assert code == 0 and "backed up" in out
+    with Ledger.open(tmp_path / "copy.db") as copy, Ledger.open(db) as ledger:
+        assert [r.id for r in copy.history()] == [r.id for r in ledger.history()] == [1]
+    with sqlite3.connect(db) as conn:  # the stored check of its own prompt did not hold
+        (probes,) = conn.execute("SELECT probes_json FROM edits WHERE id = 1").fetchone()
+        probes = [{**p, "holds": False} if p["kind"] == "edited" else p for p in json.loads(probes)]
+        conn.execute("UPDATE edits SET probes_json = ? WHERE id = 1", (json.dumps(probes),))
+    code, out, _ = run(db, "history")
+    assert code == 0 and "applied, not holding" in out
+    assert json.loads(run(db, "history", "--json")[1])[0]["holding"] is False
+    code, out, _ = run(db, "--skip-edit", "1", "history", "--json")
+    assert code == 0 and json.loads(out)[0]["status"] == "failed"
+
+
+def test_cli_edit_force_reaches_the_service(run: Any, disk: dict[str, Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    seen: list[Any] = []
+    real = EditService.apply
+
+    def spy(self: EditService, request: EditRequest, **kwargs: Any) -> Any:
+        seen.append((kwargs.get("force"), kwargs.get("allow_outlier")))
+        return real(self, request, **kwargs)
+
+    monkeypatch.setattr(EditService, "apply", spy)
+    db = tmp_path / "ledger.db"
+    shutil.copy(disk["ledger.db"], db)
+    fact = ["edit", "--subject", B.subject, "--relation", B.relation, "--target", B.target]
+    run(db, *fact)  # may be refused once the service refuses an edit whose own prompt does not hold
+    assert run(db, *fact, "--force")[0] == 0
+    assert seen == [(False, False), (True, True)]
