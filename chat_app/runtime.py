@@ -16,6 +16,7 @@ from typing import Any
 from chat_app.service import EditService
 from chat_app.startup import StartupReport, replay
 from db import Ledger, LedgerError, resolve_url
+from db.durability import header_problems
 from editing import RomeEditor, load_model
 from editing.loading import default_model_path
 
@@ -53,6 +54,9 @@ def build_service(settings: Settings) -> tuple[EditService, StartupReport]:
     model, tok = load_model(settings.model, device=settings.device)
     editor = RomeEditor(model, tok)
     ledger = Ledger.open(ledger_url(settings))
+    for problem in header_problems(ledger.file) if ledger.file is not None else ():
+        log.error("%s: SQLite can only read this ledger, so new edits cannot be recorded. Restore it from a backup "
+                  "(run app.py verify --integrity for details)", problem)  # fmt: skip
     try:
         check_not_emptied(ledger, settings)
     except LedgerError:

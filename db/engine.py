@@ -108,8 +108,9 @@ _SQLITE_FAULTS = (
                            "has finished, or stop the other app using this --db"),
     ("readonly database", "the ledger {where} is read-only (file permissions), so nothing was changed; make it "
                           "writable (chmod 600) or start with --read-only"),
-    ("file is not a database", "the ledger {where} is damaged (SQLite says: file is not a database), so nothing "
-                               "was changed; run app.py verify --integrity, and restore it from a backup"),
+    ("file is not a database", "cannot open ledger {where}: it is not a SQLite database (SQLite says: file is not "
+                               "a database). If --db names the right file, the ledger is damaged: run app.py verify "
+                               "--integrity and restore it from a backup; otherwise check the --db path"),
     ("malformed", "the ledger {where} is damaged (SQLite says: database disk image is malformed), so nothing was "
                   "changed; run app.py verify --integrity, and restore it from a backup"),
     ("database or disk is full", "the disk holding the ledger {where} is full, so nothing was changed; "
