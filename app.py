@@ -22,6 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--auth", help="user:password protecting the whole app (or set ROME_CHAT_AUTH; ROME_CHAT_AUTH_FILE for a file of lines)")
     parser.add_argument("--read-only", action="store_true", help="visitors chat and view history; edits are refused")
+    parser.add_argument("--skip-edit", type=int, action="append", default=[], metavar="ID",
+                        help="start without this applied edit (damaged factors): it is marked failed, with an event")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command")
     from chat_app.cli import add_commands
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    settings = Settings(model=args.model, db=args.db, device=args.device, read_only=args.read_only)
+    settings = Settings(model=args.model, db=args.db, device=args.device, read_only=args.read_only,
+                        skip_edits=tuple(args.skip_edit))
     if args.command == "evaluate":
         from editing.evaluation.evaluate import main as evaluate_main
 
@@ -72,12 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         from chat_app.cli import main as cli_main
 
         return cli_main(args, settings)
-    from chat_app.runtime import build_service
+    from chat_app.runtime import build_service, closing_on_stop
     from chat_app.ui import launch
+    from db import LedgerError
 
     auth = read_auth(args.auth)
-    service, _ = build_service(settings)
-    launch(service, host=args.host, port=args.port, auth=auth)
+    try:
+        service, _ = build_service(settings)
+    except LedgerError as err:  # the ledger cannot be used as it is: say why and what to do, no traceback
+        logging.getLogger("app").error("%s", err)
+        return 2
+    with closing_on_stop(service, settings):
+        launch(service, host=args.host, port=args.port, auth=auth)
     return 0
 
 

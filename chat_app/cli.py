@@ -12,9 +12,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from chat_app.runtime import Settings, build_service
+from sqlalchemy import make_url
+
+from chat_app.runtime import Settings, build_service, closing_on_stop, ledger_url
 from chat_app.service import EditService
 from chat_app.transfer import export_file, import_file
+from db import Ledger
+from db.durability import file_problems
+from db.engine import sqlite_file
 from editing import EditRequest
 
 log = logging.getLogger(__name__)
@@ -30,7 +35,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     edit.add_argument("--paraphrase", action="append", default=[], help="a prompt to check (repeatable)")
     edit.add_argument("--neighbour", action="append", default=[], help="a prompt that must not change (repeatable)")
     edit.add_argument("--note")
-    edit.add_argument("--force", action="store_true", help="apply even if the update norm is an outlier")
+    edit.add_argument("--force", action="store_true",
+                      help="apply even if the update norm is an outlier, or the edit's own prompt does not hold after it")
     edit.add_argument("--json", action="store_true")
     history = sub.add_parser("history", help="list the ledger")
     history.add_argument("--status")
@@ -45,6 +51,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     export = sub.add_parser("export", help="write edits to one file")
     export.add_argument("path")
     export.add_argument("--ids", type=int, nargs="+")
+    backup = sub.add_parser("backup", help="write the whole ledger to one consistent SQLite file (safe while running)")
+    backup.add_argument("path")
     imp = sub.add_parser("import", help="apply the edits of an export file")
     imp.add_argument("path")
     imp.add_argument("--json", action="store_true")
@@ -53,7 +61,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def _row(r: Any) -> dict[str, Any]:
     return {"id": r.id, "status": r.status, "subject": r.subject, "relation": r.relation, "target": r.target,
             "layer": r.layer, "answer_before": r.answer_before, "answer_after": r.answer_after,
-            "created_at": r.created_at.isoformat(), "superseded_by": r.superseded_by}  # fmt: skip
+            "created_at": r.created_at.isoformat(), "superseded_by": r.superseded_by,
+            "holding": None if r.status != "applied" else not r.not_holding}  # fmt: skip
+
+
+def _shown_status(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "status": "applied, not holding"} if row["holding"] is False else row
 
 
 def _printable(text: str) -> str:
@@ -81,15 +94,17 @@ def run_command(args: argparse.Namespace, service: EditService) -> int:
     if cmd == "edit":
         request = EditRequest(args.subject, args.relation, args.target, args.layer)
         result = service.apply(request, paraphrases=args.paraphrase, neighbours=args.neighbour, note=args.note,
-                               allow_outlier=args.force, progress=_progress)  # fmt: skip
+                               allow_outlier=args.force, force=args.force, progress=_progress)  # fmt: skip
         data = {**_row(result.record), "superseded": list(result.superseded), "stats": result.stats,
                 "probes": [p.to_dict() for p in result.probes]}  # fmt: skip
         text = _table([p.to_dict() for p in result.probes], ["kind", "prompt", "before", "after", "holds"])
         sup = f"; superseded {list(result.superseded)}" if result.superseded else ""
-        _emit(args, data, f"applied edit #{result.edit_id}{sup}\n{text}")
+        held = "" if not result.record.not_holding else " (applied, not holding: its own prompt does not give the target)"
+        _emit(args, data, f"applied edit #{result.edit_id}{held}{sup}\n{text}")
     elif cmd == "history":
         rows = [_row(r) for r in service.history(status=args.status)]
-        _emit(args, rows, _table(rows, ["id", "status", "subject", "relation", "target", "layer", "answer_before"]))
+        shown = [_shown_status(r) for r in rows]
+        _emit(args, rows, _table(shown, ["id", "status", "subject", "relation", "target", "layer", "answer_before"]))
     elif cmd in ("revert", "reapply"):
         record = (service.revert if cmd == "revert" else service.reapply)(args.id)
         _emit(args, _row(record), f"edit #{record.id} is now {record.status}")
@@ -116,10 +131,30 @@ def run_command(args: argparse.Namespace, service: EditService) -> int:
     return 0
 
 
+def _without_model(args: argparse.Namespace, settings: Settings) -> int | None:
+    """Commands about the ledger file itself, which need no model: ``backup``, and a damaged file's ``verify``."""
+    if args.command == "backup":
+        with Ledger.open(ledger_url(settings)) as ledger:
+            target = ledger.backup(args.path)
+        print(f"backed up the ledger {ledger.where} to {target}")
+        return 0
+    if args.command == "verify" and args.integrity:
+        path = sqlite_file(make_url(ledger_url(settings)))
+        problems = file_problems(path) if path is not None and path.exists() else []
+        if problems:  # the file itself is damaged: say so before anything tries to use it
+            _emit(args, {"edits": [], "integrity_problems": problems}, "integrity: " + "; ".join(problems))
+            return 1
+    return None
+
+
 def main(args: argparse.Namespace, settings: Settings) -> int:
     try:
+        code = _without_model(args, settings)
+        if code is not None:
+            return code
         service, _ = build_service(settings)
-        return run_command(args, service)
+        with closing_on_stop(service, settings):
+            return run_command(args, service)
     except (ValueError, PermissionError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from chat_app.service import EditService
-from db import LedgerError
+from db import EditRecord, LedgerError
 from editing import RankOneEdit
 
 log = logging.getLogger(__name__)
@@ -21,11 +21,14 @@ class StartupReport:
     seconds: float
 
 
-def replay(service: EditService, progress: Callable[[int, int], None] | None = None) -> StartupReport:
+def replay(service: EditService, progress: Callable[[int, int], None] | None = None,
+           skip: tuple[int, ...] = ()) -> StartupReport:  # fmt: skip
     """Rebuild the model as base weights + every applied edit, in order, from the stored factors.
 
-    Raises ``LedgerError`` when the ledger belongs to another model. A pending edit (a crash
-    before its commit) never reached the ledger's applied sequence: it is marked failed.
+    Raises ``LedgerError`` when the ledger belongs to another model, or when an applied edit's
+    stored factors are damaged (naming it, and how to start without it). A pending edit (a crash
+    before its commit) never reached the ledger's applied sequence: it is marked failed. Each
+    applied edit in ``skip`` is quarantined first: marked failed, with an event in its audit trail.
     """
     t0 = time.perf_counter()
     ledger, editor = service.ledger, service.editor
@@ -35,13 +38,16 @@ def replay(service: EditService, progress: Callable[[int, int], None] | None = N
         ledger.mark_failed(record.id, "interrupted before it was applied; the weights never held it",
                            actor="start-up", repaired=True)  # fmt: skip
         repaired.append(record.id)
+    for edit_id in skip:
+        if ledger.get(edit_id).status == "applied":  # a later start with the same flag has nothing to do
+            ledger.quarantine(edit_id, "skipped at start-up (--skip-edit): not replayed", actor="start-up")
     records = ledger.applied()
+    edits = [_decode(record) for record in records]  # every payload checked before the weights change
     mismatches = []
     with service.weights.write():
         editor.reset()
         service._edits.clear()  # noqa: SLF001 - start-up owns the service's state
-        for i, record in enumerate(records):
-            edit = RankOneEdit.from_payload(record.meta, record.factors or b"")
+        for i, (record, edit) in enumerate(zip(records, edits)):
             checksum = editor.apply(edit)
             service._edits[record.id] = edit  # noqa: SLF001
             if record.state_checksum is not None and record.state_checksum != checksum:
@@ -56,3 +62,16 @@ def replay(service: EditService, progress: Callable[[int, int], None] | None = N
         except LedgerError as err:  # a read-only ledger file still serves chats and history
             log.warning("could not record the replay: %s", err)
     return StartupReport(len(records), tuple(repaired), tuple(mismatches), time.perf_counter() - t0)
+
+
+def _decode(record: EditRecord) -> RankOneEdit:
+    try:
+        return RankOneEdit.from_payload(record.meta, record.factors or b"")
+    except ValueError as err:
+        raise LedgerError(
+            f"applied edit #{record.id} ({record.prompt!r:.80} → {record.target!r:.40}) cannot be replayed: {err}; "
+            "the ledger's copy of it is damaged. Nothing was changed. To start without it, run the app with "
+            f"--skip-edit {record.id} (the edit is marked failed, with an event in its audit trail; the others are "
+            f"replayed), then export the others if you like: app.py --skip-edit {record.id} export others.zip. "
+            "Or restore the ledger from a backup."
+        ) from err

@@ -17,7 +17,7 @@ from typing import Any
 
 import gradio as gr
 
-from chat_app import ui_chat, ui_layout, ui_locate
+from chat_app import ui_chat, ui_inputs, ui_layout, ui_locate
 from chat_app.probes import REPETITION_PENALTY
 from chat_app.service import EditService
 from chat_app.ui_handlers import Handlers
@@ -34,6 +34,7 @@ CSS = """
 #banner p { margin: 0; }
 .gradio-container { max-width: 1240px !important; margin: auto; }
 """
+CACHE_S = 3600  # Gradio's copies of files served (exports) are deleted after an hour, and all at shutdown
 WEIGHTS = {"concurrency_id": "weights", "concurrency_limit": 1}  # edits queue behind each other, not behind chats
 
 
@@ -47,7 +48,7 @@ def theme() -> gr.themes.Base:
 def build_ui(service: EditService) -> gr.Blocks:
     """The whole app for ``service`` (shared by every session); launch with ``launch`` or ``.queue().launch()``."""
     handlers = Handlers(service)
-    with gr.Blocks(title=TITLE) as demo:
+    with gr.Blocks(title=TITLE, delete_cache=(CACHE_S, CACHE_S)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         banner = gr.Markdown(elem_id="banner")
         with gr.Tabs() as tabs:
@@ -90,7 +91,13 @@ def _wire_chat(service: EditService, c: SimpleNamespace) -> None:
     def chat(message: str, system: str = "", temperature: float = 0.0, max_new_tokens: int = 128,
              original: bool = False, repetition_penalty: float = REPETITION_PENALTY) -> str:  # fmt: skip
         """One-turn chat: the model's whole reply (original=True: the unedited model's)."""
-        return ui_chat.chat_once(service, message, system, temperature, max_new_tokens, original,
+        number, text = ui_inputs.number, ui_inputs.text  # gr.api passes what the client sent, unchecked
+        text(message, "message"), text(system, "system prompt"), ui_inputs.flag(original, "original")
+        for value, name in ((temperature, "temperature"), (max_new_tokens, "max new tokens"),
+                            (repetition_penalty, "repetition penalty")):  # fmt: skip
+            if number(value, name) is None:
+                raise ui_inputs.refuse(f"{name} is empty; give a number")
+        return ui_chat.chat_once(service, message, system or "", temperature, max_new_tokens, original,
                                  repetition_penalty)  # fmt: skip
 
     def submit(message: str, conv: list, orig: list) -> tuple[str, list, list, list, list]:
@@ -117,13 +124,16 @@ def _wire_form(h: Handlers, f: SimpleNamespace, filters: list, views: list) -> N
           api_name="conflicts")  # fmt: skip
     gr.on([f.preview.click, f.subject.submit, f.target.submit], h.preview, fact, [f.completion, f.top, f.conflict],
           api_name="preview")  # fmt: skip
-    applied = f.apply.click(
-        h.apply, [*fact, f.paraphrases, f.neighbours, f.layer, f.steps, f.lr, f.kl, f.note], [f.result, f.probes],
-        api_name="apply_edit", **WEIGHTS,
-    )  # fmt: skip
-    applied.then(h.refresh, filters, views, api_visibility="private")  # also after a refusal: it is in the ledger
-    applied.success(lambda *fields: ("", *h.preview(*fields)[:2]), fact, [f.conflict, f.completion, f.top],
-                    api_visibility="private")  # fmt: skip  (the result says what was superseded; show the new answer)
+    fields = [*fact, f.paraphrases, f.neighbours, f.layer, f.steps, f.lr, f.kl, f.note]
+    hidden, shown = (lambda: gr.Button(visible=False)), (lambda: gr.Button(visible=True))
+    for button, fn, name in ((f.apply, h.apply, "apply_edit"), (f.force, h.apply_anyway, "apply_edit_anyway")):
+        applied = button.click(fn, fields, [f.result, f.probes], api_name=name, **WEIGHTS)
+        applied.then(h.refresh, filters, views, api_visibility="private")  # also after a refusal: it is in the ledger
+        applied.success(lambda *fields: ("", *h.preview(*fields)[:2]), fact, [f.conflict, f.completion, f.top],
+                        api_visibility="private")  # fmt: skip  (the result says what was superseded; the new answer)
+        applied.success(hidden, None, f.force, api_visibility="private", queue=False)
+        if not h.service.read_only:  # a refusal offers to apply anyway (the service decides what it allows)
+            applied.failure(shown, None, f.force, api_visibility="private", queue=False)
 
 
 def _wire_history(h: Handlers, v: SimpleNamespace, filters: list, views: list, tab: gr.Tab) -> None:

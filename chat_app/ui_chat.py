@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import gradio as gr
 
 from chat_app.probes import REPETITION_PENALTY
+from chat_app.ui_inputs import refuse
 from chat_app.service import EditService
 
 Message = dict[str, str]
@@ -27,9 +28,9 @@ def add_user(message: str, conv: list[Message], orig: list[Message]) -> tuple[st
     """Append the user's turn to both transcripts and clear the textbox."""
     text = (message or "").strip()
     if not text:
-        raise gr.Error("type a message first")
+        raise refuse("type a message first")
     if len(text) > MAX_MESSAGE_CHARS:
-        raise gr.Error(f"messages are limited to {MAX_MESSAGE_CHARS} characters; this one has {len(text)}")
+        raise refuse(f"messages are limited to {MAX_MESSAGE_CHARS} characters; this one has {len(text)}")
     turn = {"role": "user", "content": text}
     return "", [*conv, turn], [*orig, turn]
 
@@ -40,7 +41,7 @@ def _stream(service: EditService, messages: list[Message], temperature: float, m
         yield from service.chat(messages, float(temperature), int(max_new_tokens), original=original,
                                 repetition_penalty=float(penalty))  # fmt: skip
     except ValueError as err:
-        raise gr.Error(str(err), print_exception=False) from err
+        raise refuse(str(err)) from err
 
 
 def respond(

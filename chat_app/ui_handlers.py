@@ -5,7 +5,9 @@ refusal) becomes ``gr.Error`` with the service's message, raised before anything
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +20,7 @@ import gradio as gr
 import pandas as pd
 
 from chat_app import ui_render as render
+from chat_app.ui_inputs import refuse
 from chat_app.service import EditService
 from editing import EditRequest
 
@@ -40,6 +43,7 @@ COMMON_RELATIONS = [
 ]
 STATUS_CHOICES = ["all", "applied", "reverted", "superseded", "refused", "failed", "pending"]
 MAX_PROBES = 20  # paraphrase or neighbour lines per edit
+EXPORT_KEEP_S = 600.0  # an export file older than this is deleted (Gradio serves its own copy of it)
 # Share of the progress bar per stage of ``service.apply``: (start, end, what the user reads).
 STAGES: dict[str, tuple[float, float, str]] = {
     "statistics": (0.02, 0.60, "Computing key statistics for this layer (once; cached afterwards)"),
@@ -58,36 +62,36 @@ def user_errors() -> Iterator[None]:
     except gr.Error:
         raise
     except (ValueError, PermissionError, LookupError) as err:
-        raise gr.Error(str(err), print_exception=False) from err
+        raise refuse(str(err)) from err
 
 
 def lines(text: str | None, what: str) -> list[str]:
     """One prompt per non-empty line; at most ``MAX_PROBES``."""
     found = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if len(found) > MAX_PROBES:
-        raise gr.Error(f"at most {MAX_PROBES} {what} prompts, one per line; got {len(found)}")
+        raise refuse(f"at most {MAX_PROBES} {what} prompts, one per line; got {len(found)}")
     return found
 
 
 def whole(value: Any, name: str) -> int:
     if value is None or value == "":
-        raise gr.Error(f"{name} is empty; type a whole number")
+        raise refuse(f"{name} is empty; type a whole number")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise gr.Error(f"{name} must be a whole number, got {value!r}") from None
+        raise refuse(f"{name} must be a whole number, got {value!r}") from None
     if not number.is_integer():
-        raise gr.Error(f"{name} must be a whole number, got {value}")
+        raise refuse(f"{name} must be a whole number, got {value}")
     return int(number)
 
 
 def number(value: Any, name: str) -> float:
     if value is None or value == "":
-        raise gr.Error(f"{name} is empty; type a number")
+        raise refuse(f"{name} is empty; type a number")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise gr.Error(f"{name} must be a number, got {value!r}") from None
+        raise refuse(f"{name} must be a number, got {value!r}") from None
 
 
 def stage_progress(progress: Callable[..., Any]) -> Callable[[str, float], None]:
@@ -107,12 +111,38 @@ class Handlers:
 
     def __init__(self, service: EditService) -> None:
         self.service = service
+        self._exports: Path | None = None  # one folder for this app's export files, removed at exit
+
+    def close(self) -> None:
+        """Remove the export folder and what it holds."""
+        if self._exports is not None:
+            shutil.rmtree(self._exports, ignore_errors=True)
+            self._exports = None
+
+    def _export_path(self, name: str) -> Path:
+        """Where the next export file goes: one folder for the app, pruned of files older than ``EXPORT_KEEP_S``."""
+        if self._exports is None:
+            self._exports = Path(tempfile.mkdtemp(prefix="rome-chat-exports-"))
+            atexit.register(self.close)
+        now = time.time()
+        for old in self._exports.iterdir():
+            if now - old.stat().st_mtime > EXPORT_KEEP_S:
+                old.unlink(missing_ok=True)
+        path, n = self._exports / name, 1
+        while path.exists():  # two exports in the same second
+            n += 1
+            path = self._exports / f"{Path(name).stem}-{n}{Path(name).suffix}"
+        return path
 
     # ----- shared -------------------------------------------------------------------
     def banner(self) -> str:
         n = self.service.active_count
         text = f"**{n} edit{'s' if n != 1 else ''} active** on the model"
         text += " · the original model is one switch away in the Chat tab" if n else " · the model is unedited"
+        weak = [r.id for r in self.service.history(status="applied") if r.not_holding]
+        if weak:
+            text += (f" · ⚠ **{len(weak)} applied, not holding** ("
+                     + ", ".join(f"#{i}" for i in weak) + "): their own prompts do not give the new object")  # fmt: skip
         if self.service.read_only:
             text += " · **read-only**: editing is disabled"
         return text
@@ -162,7 +192,9 @@ class Handlers:
         self, subject: str, relation: str, target: str, paraphrases: str, neighbours: str,
         layer: Any, steps: Any, lr: Any, kl_factor: Any, note: str | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
+        force: bool = False,
     ) -> tuple[str, pd.DataFrame]:  # fmt: skip
+        """Apply the form's edit; ``force``: even if its own prompt does not hold after it ("Apply anyway")."""
         request = self.request(subject, relation, target, layer)
         overrides = self.overrides(steps, lr, kl_factor)
         checks = (lines(paraphrases, "paraphrase"), lines(neighbours, "neighbour"))
@@ -171,10 +203,11 @@ class Handlers:
         with user_errors():
             result = self.service.apply(
                 request, paraphrases=checks[0], neighbours=checks[1], note=(note or "").strip() or None,
-                progress=stage_progress(progress), **overrides,
+                progress=stage_progress(progress), force=force, **overrides,
             )  # fmt: skip
         held = sum(p.holds for p in result.probes)
-        text = [f"**Edit #{result.edit_id} applied** at layer {result.record.layer}: "
+        applied = "applied, not holding" if result.record.not_holding else "applied"
+        text = [f"**Edit #{result.edit_id} {applied}** at layer {result.record.layer}: "
                 f"{render.fact_line(request.subject, request.relation, request.target)}",
                 f"{held}/{len(result.probes)} checks hold · {time.perf_counter() - t0:.1f} s"]  # fmt: skip
         if "target_prob" in result.stats:
@@ -183,6 +216,15 @@ class Handlers:
             text.append("Superseded " + ", ".join(f"edit #{i}" for i in result.superseded)
                         + " (same subject and relation); re-apply it from History to go back.")  # fmt: skip
         return "\n\n".join(text), render.probes_frame(result.probes)
+
+    def apply_anyway(
+        self, subject: str, relation: str, target: str, paraphrases: str, neighbours: str,
+        layer: Any, steps: Any, lr: Any, kl_factor: Any, note: str | None = None,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
+    ) -> tuple[str, pd.DataFrame]:  # fmt: skip
+        """"Apply anyway": the form's edit even if its own prompt does not hold after it."""
+        return self.apply(subject, relation, target, paraphrases, neighbours, layer, steps, lr, kl_factor, note,
+                          progress, force=True)  # fmt: skip
 
     # ----- history ----------------------------------------------------------------------
     def history(self, text: str | None = None, status: str | None = None) -> pd.DataFrame:
@@ -232,18 +274,18 @@ class Handlers:
     def export(self) -> tuple[str | None, str]:
         """Write the applied edits to a file offered for download."""
         if export_file is None:
-            raise gr.Error("export is not available in this version")
+            raise refuse("export is not available in this version")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        path = Path(tempfile.mkdtemp(prefix="rome-chat-export-")) / f"rome-chat-edits-{stamp}.zip"
+        path = self._export_path(f"rome-chat-edits-{stamp}.zip")
         with user_errors():
             count = export_file(self.service, path)
         return str(path), f"Exported {count} applied edit{'s' if count != 1 else ''}."
 
     def import_(self, path: str | None) -> str:
         if import_file is None:
-            raise gr.Error("import is not available in this version")
+            raise refuse("import is not available in this version")
         if not path:
-            raise gr.Error("choose an export file to import first")
+            raise refuse("choose an export file to import first")
         with user_errors():
             report = import_file(self.service, path)
         text = f"Imported {len(report.imported)} edit{'s' if len(report.imported) != 1 else ''}"

@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from chat_app import ui_chat, ui_locate
+from chat_app import ui_chat, ui_inputs as inputs, ui_locate
 from chat_app import ui_render as render
 from chat_app.probes import REPETITION_PENALTY
 from chat_app.service import EditService
@@ -26,7 +26,7 @@ def chat_tab() -> SimpleNamespace:
         c.original = gr.Chatbot(label="Original model (no edits)", height=430, visible=False,
                                 elem_id="chat-original", latex_delimiters=NO_LATEX)  # fmt: skip
     with gr.Row():
-        c.message = gr.Textbox(placeholder="Ask something, e.g. “Where is the Eiffel Tower?”", show_label=False,
+        c.message = inputs.Textbox(placeholder="Ask something, e.g. “Where is the Eiffel Tower?”", show_label=False,
                                scale=8, elem_id="chat-input", max_length=ui_chat.MAX_MESSAGE_CHARS)  # fmt: skip
         c.send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         c.stop = gr.Button("Stop", variant="stop", scale=0, min_width=80, elem_id="chat-stop")
@@ -34,11 +34,11 @@ def chat_tab() -> SimpleNamespace:
         c.compare = gr.Checkbox(label="Compare with the original model", value=False, elem_id="chat-compare")
         c.clear = gr.Button("Clear conversation", size="sm", scale=0)
     with gr.Accordion("System prompt and sampling", open=False):
-        c.system = gr.Textbox(label="System prompt", lines=2, placeholder="Empty: the model's default system prompt")
+        c.system = inputs.Textbox(label="System prompt", lines=2, placeholder="Empty: the model's default system prompt")
         with gr.Row():
-            c.temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy, reproducible)")
-            c.max_new = gr.Slider(16, 512, value=128, step=16, label="Max new tokens")
-            c.penalty = gr.Slider(1, 2, value=REPETITION_PENALTY, step=0.05,
+            c.temperature = inputs.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy, reproducible)")
+            c.max_new = inputs.Slider(16, 512, value=128, step=16, label="Max new tokens")
+            c.penalty = inputs.Slider(1, 2, value=REPETITION_PENALTY, step=0.05,
                                   label="Repetition penalty (1 = off; against looping replies)")  # fmt: skip
     c.conv, c.orig = gr.State([]), gr.State([])
     return c
@@ -50,28 +50,30 @@ def form_tab(service: EditService) -> SimpleNamespace:
                 "**new object**. Preview what the model says now, then apply.")  # fmt: skip
     with gr.Row():
         with gr.Column(scale=3):
-            f.subject = gr.Textbox(label="Subject", placeholder="The Eiffel Tower", elem_id="form-subject")
-            f.relation = gr.Dropdown(COMMON_RELATIONS, value=COMMON_RELATIONS[0], allow_custom_value=True,
+            f.subject = inputs.Textbox(label="Subject", placeholder="The Eiffel Tower", elem_id="form-subject")
+            f.relation = inputs.Dropdown(COMMON_RELATIONS, value=COMMON_RELATIONS[0], allow_custom_value=True,
                                      label="Relation ({} is where the subject goes)",
                                      elem_id="form-relation")  # fmt: skip
-            f.target = gr.Textbox(label="New object", placeholder="Rome", elem_id="form-target")
+            f.target = inputs.Textbox(label="New object", placeholder="Rome", elem_id="form-target")
             f.conflict = gr.Markdown(elem_id="form-conflict")
             with gr.Row():
-                f.paraphrases = gr.Textbox(label="Paraphrases that should change too (one per line)", lines=3,
+                f.paraphrases = inputs.Textbox(label="Paraphrases that should change too (one per line)", lines=3,
                                            placeholder="The Eiffel Tower stands in the city of")  # fmt: skip
-                f.neighbours = gr.Textbox(label="Neighbour prompts that must not change (one per line)", lines=3,
+                f.neighbours = inputs.Textbox(label="Neighbour prompts that must not change (one per line)", lines=3,
                                           placeholder="The Louvre is located in the city of")  # fmt: skip
-            f.note = gr.Textbox(label="Note for the ledger (optional)", max_length=500)
+            f.note = inputs.Textbox(label="Note for the ledger (optional)", max_length=500)
             with gr.Accordion("Advanced", open=False) as f.advanced:
                 with gr.Row():
-                    f.layer = gr.Slider(0, service.editor.n_layers - 1, value=hp.layer, step=1, label="Layer")
-                    f.steps = gr.Number(hp.steps, precision=0, minimum=1, maximum=200, label="Optimisation steps")
-                    f.lr = gr.Number(hp.lr, minimum=0, label="Learning rate")
-                    f.kl = gr.Number(hp.kl_factor, minimum=0, label="KL factor (keeps “{subject} is a” stable)")
+                    f.layer = inputs.Slider(0, service.editor.n_layers - 1, value=hp.layer, step=1, label="Layer")
+                    f.steps = inputs.Number(hp.steps, precision=0, minimum=1, maximum=200, label="Optimisation steps")
+                    f.lr = inputs.Number(hp.lr, minimum=0, label="Learning rate")
+                    f.kl = inputs.Number(hp.kl_factor, minimum=0, label="KL factor (keeps “{subject} is a” stable)")
             with gr.Row():
                 f.preview = gr.Button("Preview", elem_id="form-preview")
                 f.apply = gr.Button("Apply edit", variant="primary", interactive=not service.read_only,
                                     elem_id="form-apply")  # fmt: skip
+                f.force = gr.Button("Apply anyway (even if its own prompt does not hold)", variant="stop",
+                                    visible=False, elem_id="form-apply-anyway")  # fmt: skip
         with gr.Column(scale=2):
             f.completion = gr.Markdown("*Preview shows the model's current completion here.*",
                                        elem_id="form-completion")  # fmt: skip
@@ -85,8 +87,8 @@ def form_tab(service: EditService) -> SimpleNamespace:
 def history_tab(service: EditService) -> SimpleNamespace:
     h, writable = SimpleNamespace(), not service.read_only
     with gr.Row():
-        h.text = gr.Textbox(label="Filter", placeholder="subject, relation, object or note", scale=4)
-        h.status = gr.Dropdown(STATUS_CHOICES, value="all", label="Status", scale=1)
+        h.text = inputs.Textbox(label="Filter", placeholder="subject, relation, object or note", scale=4)
+        h.status = inputs.Dropdown(STATUS_CHOICES, value="all", label="Status", scale=1)
         h.refresh = gr.Button("Refresh", scale=0)
     h.table = gr.Dataframe(headers=render.HISTORY_HEADERS, datatype=render.HISTORY_TYPES, interactive=False,
                            wrap=True, max_height=360, latex_delimiters=NO_LATEX, elem_id="history-table")  # fmt: skip
@@ -95,7 +97,7 @@ def history_tab(service: EditService) -> SimpleNamespace:
             h.detail = gr.Markdown("Select a row of the table to see an edit's detail and audit trail.",
                                    elem_id="history-detail")  # fmt: skip
         with gr.Column(scale=2):
-            h.selected = gr.Number(label="Selected edit id", precision=0, elem_id="history-selected")
+            h.selected = inputs.Number(label="Selected edit id", precision=0, elem_id="history-selected")
             with gr.Row():
                 h.revert = gr.Button("Revert", variant="stop", interactive=writable, elem_id="history-revert")
                 h.reapply = gr.Button("Re-apply", interactive=writable, elem_id="history-reapply")
@@ -126,15 +128,15 @@ def locate_tab() -> SimpleNamespace:
                 "states that bring the answer back carry the fact. The MLP layer that matters most at the last "
                 "subject token is where an edit works best.")  # fmt: skip
     with gr.Row():
-        loc.prompt = gr.Textbox(label="Prompt", placeholder="The Eiffel Tower is located in the city of", scale=3)
-        loc.subject = gr.Textbox(label="Subject (as written in the prompt)", placeholder="The Eiffel Tower", scale=2)
-        loc.expected = gr.Textbox(label="Answer to score (optional)", placeholder="the model's own answer", scale=2)
+        loc.prompt = inputs.Textbox(label="Prompt", placeholder="The Eiffel Tower is located in the city of", scale=3)
+        loc.subject = inputs.Textbox(label="Subject (as written in the prompt)", placeholder="The Eiffel Tower", scale=2)
+        loc.expected = inputs.Textbox(label="Answer to score (optional)", placeholder="the model's own answer", scale=2)
     with gr.Row(equal_height=True):
-        loc.samples = gr.Slider(1, 20, value=ui_locate.DEFAULT_SAMPLES, step=1, scale=2,
+        loc.samples = inputs.Slider(1, 20, value=ui_locate.DEFAULT_SAMPLES, step=1, scale=2,
                                 label="Noise samples (fewer: faster, noisier)")  # fmt: skip
-        loc.kinds = gr.CheckboxGroup(ui_locate.KIND_CHOICES, value=list(ui_locate.DEFAULT_KINDS), scale=2,
+        loc.kinds = inputs.CheckboxGroup(ui_locate.KIND_CHOICES, value=list(ui_locate.DEFAULT_KINDS), scale=2,
                                      label="States to restore (MLP alone: about a third of the time)")  # fmt: skip
-        loc.precision = gr.Radio(ui_locate.PRECISION_CHOICES, value="auto", scale=2,
+        loc.precision = inputs.Radio(ui_locate.PRECISION_CHOICES, value="auto", scale=2,
                                  label="Arithmetic (Auto: bfloat16 where the CPU has it, else float32)")  # fmt: skip
         loc.trace = gr.Button("Trace", variant="primary", scale=1)
         loc.carry = gr.Button("Use subject, relation and layer in the form", scale=1)

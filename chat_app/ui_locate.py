@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 
 from chat_app import ui_render as render
+from chat_app.ui_inputs import refuse
 from chat_app.service import EditService
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,13 @@ def locate(
 ) -> tuple[Any, str, dict[str, Any] | None]:  # fmt: skip
     """Trace the fact; return the heatmaps figure, a summary and what "use in the form" carries."""
     if not available():
-        raise gr.Error("causal tracing is not installed in this version (editing.tracing / editing.tracing.plot)")
+        raise refuse("causal tracing is not installed in this version (editing.tracing / editing.tracing.plot)")
     from editing.tracing.plot import plot_trace
     prompt, subject = (prompt or "").strip(), (subject or "").strip()
     if not prompt or not subject:
-        raise gr.Error("type a prompt and the subject it mentions")
+        raise refuse("type a prompt and the subject it mentions")
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise gr.Error(f"the prompt is limited to {MAX_PROMPT_CHARS} characters")
+        raise refuse(f"the prompt is limited to {MAX_PROMPT_CHARS} characters")
     try:
         relation = relation_of(prompt, subject)
         picked = chosen_kinds(kinds)
@@ -79,7 +80,7 @@ def locate(
                             lambda _stage, f: progress(f, desc="Tracing: restoring states one by one"), picked,
                             precision)  # fmt: skip
     except ValueError as err:
-        raise gr.Error(str(err), print_exception=False) from err
+        raise refuse(str(err)) from err
     figure = plot_trace(result, model_name=result.model_name)
     layer, advice = layer_advice(result, service.editor.hparams.layer)
     summary = (
@@ -114,6 +115,6 @@ def layer_advice(result: Any, default_layer: int) -> tuple[int, str]:
 def carry(located: dict[str, Any] | None) -> tuple[str, str, int, Any, Any]:
     """Fill the form from the last trace, open its advanced settings (the layer) and switch to it."""
     if not located:
-        raise gr.Error("run a trace first")
+        raise refuse("run a trace first")
     return (located["subject"], located["relation"], int(located["layer"]), gr.Accordion(open=True),
             gr.Tabs(selected="form"))  # fmt: skip

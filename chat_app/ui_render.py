@@ -60,6 +60,14 @@ def status_mark(status: str) -> str:
             "refused": "✗ refused", "failed": "✗ failed", "pending": "… pending"}.get(status, status)  # fmt: skip
 
 
+NOT_HOLDING = "⚠ applied, not holding"
+
+
+def record_status(record: EditRecord) -> str:
+    """The status as shown: an applied edit whose own prompt did not give the target is "applied, not holding"."""
+    return NOT_HOLDING if record.not_holding else status_mark(record.status)
+
+
 def answer_change(record: EditRecord) -> str:
     before = esc(record.answer_before or "—", CELL_CHARS)
     after = record.answer_after if record.answer_after is not None else f"({record.target})"
@@ -69,7 +77,7 @@ def answer_change(record: EditRecord) -> str:
 def history_frame(records: Sequence[EditRecord]) -> pd.DataFrame:
     rows = [
         [r.id, when(r.created_at), esc(r.subject, CELL_CHARS), esc(r.relation, CELL_CHARS), answer_change(r),
-         r.layer, status_mark(r.status)]
+         r.layer, record_status(r)]
         for r in records
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=HISTORY_HEADERS)
@@ -94,7 +102,7 @@ def fact_line(subject: str, relation: str, target: str) -> str:
 
 def record_detail(record: EditRecord, events: Sequence[EventRecord]) -> str:
     lines = [
-        f"### Edit #{record.id} · {status_mark(record.status)}",
+        f"### Edit #{record.id} · {record_status(record)}",
         f"{fact_line(record.subject, record.relation, record.target)}",
         "",
         f"- **subject** {code(record.subject)}; **relation** {code(record.relation)}; **layer** {record.layer}",

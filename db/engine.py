@@ -15,11 +15,15 @@ from typing import Any
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError
 
+from db.durability import header_problems
 from db.schema import LedgerError
 
 logger = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another process's lock
+# Checkpoint after every commit that leaves a page in the WAL (SQLite's default waits for 1000): the
+# database file then holds every committed change, and a lost -wal file loses nothing (db.durability).
+AUTOCHECKPOINT_PAGES = 1
 READ_ONLY = "ledger_read_only"  # execution option: begin a deferred (reading) transaction
 
 
@@ -92,6 +96,7 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}")
     finally:
         cursor.close()
 
@@ -103,6 +108,11 @@ _SQLITE_FAULTS = (
                            "has finished, or stop the other app using this --db"),
     ("readonly database", "the ledger {where} is read-only (file permissions), so nothing was changed; make it "
                           "writable (chmod 600) or start with --read-only"),
+    ("file is not a database", "cannot open ledger {where}: it is not a SQLite database (SQLite says: file is not "
+                               "a database). If --db names the right file, the ledger is damaged: run app.py verify "
+                               "--integrity and restore it from a backup; otherwise check the --db path"),
+    ("malformed", "the ledger {where} is damaged (SQLite says: database disk image is malformed), so nothing was "
+                  "changed; run app.py verify --integrity, and restore it from a backup"),
     ("database or disk is full", "the disk holding the ledger {where} is full, so nothing was changed; "
                                  "free some space"),
     ("disk i/o error", "the ledger {where} could not be read or written (disk I/O error); the operation was "
@@ -116,7 +126,22 @@ def _on_error(context: Any) -> None:
     for needle, message in _SQLITE_FAULTS:
         if needle in text:
             where = describe(context.engine.url) if context.engine is not None else "file"
-            raise LedgerError(message.format(where=where, ms=BUSY_TIMEOUT_MS)) from context.original_exception
+            damage = _read_only_cause(context.engine.url) if needle == "readonly database" else None
+            raise LedgerError(damage or message.format(where=where, ms=BUSY_TIMEOUT_MS)) from context.original_exception
+
+
+def _read_only_cause(url: URL) -> str | None:
+    """When SQLite says read-only but the file is writable, the cause is damage, not permissions: say so."""
+    path = sqlite_file(url)
+    effective = os.access in os.supports_effective_ids
+    if path is None or not all(os.access(p, os.W_OK, effective_ids=effective) for p in (path, path.parent)):
+        return None
+    problems = header_problems(path)
+    if not problems:
+        return None
+    return (f"the ledger {path} is damaged, not read-only: its permissions allow writing, but {problems[0]}, so "
+            "SQLite opens it read-only and nothing was changed. Do not chmod it: run app.py verify --integrity "
+            "and restore the ledger from a backup (app.py backup writes one).")  # fmt: skip
 
 
 def _on_begin(conn: Any) -> None:

@@ -22,7 +22,8 @@ from sqlalchemy import URL, delete, func, make_url, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import READ_ONLY, create_ledger_engine, describe, to_url
+from db import durability
+from db.engine import READ_ONLY, create_ledger_engine, describe, sqlite_file, to_url
 from db.queries import LedgerReads, load_edit
 from db.records import check_hex64, dumps, validate_meta, validate_probes
 from db.schema import EVENT_KINDS, Edit, Event, LedgerError, MetaEntry, prepare_schema
@@ -42,8 +43,13 @@ class Ledger(LedgerReads):
         """Open the ledger at ``url`` (a SQLAlchemy URL, or a file path meaning SQLite), creating it if new."""
         self.url = url if isinstance(url, URL) else make_url(to_url(url))
         self.where = describe(self.url)
+        self.file = sqlite_file(self.url)  # None unless a SQLite file
+        new = self.file is None or not self.file.exists()  # only a path that did not exist may start empty
+        durability.refuse_missing_tables(None, self.where, self.file, new)
         self._engine = create_ledger_engine(self.url)
+        self._closed = False
         try:
+            durability.refuse_missing_tables(self._engine, self.where, self.file, new)
             prepare_schema(self._engine, self.where)
         except SQLAlchemyError as err:
             self._engine.dispose()
@@ -68,7 +74,31 @@ class Ledger(LedgerReads):
         return ledger
 
     def close(self) -> None:
+        """Checkpoint (SQLite: everything into the one database file, the WAL emptied), then disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.checkpoint()
+        except (LedgerError, SQLAlchemyError) as err:  # e.g. a read-only file: nothing of ours is in its WAL
+            logger.warning("could not checkpoint ledger %s on close: %s", self.where, err)
         self._engine.dispose()
+
+    def checkpoint(self) -> None:
+        """SQLite: copy the WAL into the database file and truncate it; other databases: nothing to do."""
+        if self.file is None:
+            return
+        busy, frames, done = durability.checkpoint(self._engine, "TRUNCATE")
+        if busy or frames != done:
+            logger.warning("ledger %s: checkpoint incomplete (%d of %d WAL frames; busy=%d)", self.where, done,
+                           frames, busy)  # fmt: skip
+
+    def backup(self, target: str | Path) -> Path:
+        """Write the whole ledger to ``target`` as one consistent SQLite file (safe while others write)."""
+        if self.url.get_backend_name() != "sqlite":
+            raise LedgerError(f"backup writes SQLite files; back up {self.where} with the database's own tool "
+                              "(PostgreSQL: pg_dump)")  # fmt: skip
+        return durability.backup(self._engine, self.where, Path(target))
 
     def __enter__(self) -> Ledger:
         return self
@@ -204,6 +234,19 @@ class Ledger(LedgerReads):
             row = load_edit(s, edit_id, "pending")
             row.status, row.refusal_reason = "failed", reason
             s.add(Event(edit_id=edit_id, kind="repaired" if repaired else "failed", actor=actor, detail=reason))
+
+    def quarantine(self, edit_id: int, reason: str, actor: str | None = None) -> None:
+        """Applied -> failed, out of the applied sequence: an edit that cannot be replayed (damaged factors).
+
+        The row and its bytes stay for inspection; later edits move up one place, as after a revert.
+        """
+        _require_text(reason, "reason")
+        with self._write.begin() as s:
+            row = load_edit(s, edit_id, "applied")
+            leave_sequence(s, row)
+            row.status, row.refusal_reason = "failed", reason
+            s.add(Event(edit_id=edit_id, kind="failed", actor=actor, detail=reason))
+        logger.warning("quarantined edit #%d: %s", edit_id, reason)
 
     def discard_pending(self, edit_id: int) -> None:
         """Delete a pending row that never took effect; refused if the audit trail mentions it."""

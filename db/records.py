@@ -61,6 +61,13 @@ class EditRecord:
         """The relation with the subject filled in."""
         return self.relation.replace("{}", self.subject)
 
+    @property
+    def not_holding(self) -> bool:
+        """Applied, but its own prompt did not give the target right after applying (its stored 'edited' probe)."""
+        return self.status == "applied" and any(
+            p.get("kind") == "edited" and p.get("holds") is False for p in self.probes if isinstance(p, dict)
+        )
+
 
 @dataclass(frozen=True)
 class EventRecord:

@@ -11,11 +11,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 from typing import Any
 
 import pytest
 
 import app
+import chat_app.cli  # noqa: F401 - imported before test_serving_… patches what it imports
 from editing import EditRequest
 from tests.reliability_helpers import ROOT, app_env, cli_runner, in_process_app, one_thread, tiny_app_on_disk
 from tests.ui_server import free_port, wait_until_serving
@@ -59,7 +62,7 @@ def test_credentials_from_flag_environment_or_file(tmp_path: Path, monkeypatch: 
 
 def test_serving_passes_loopback_and_credentials_to_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
     served: dict[str, Any] = {}
-    monkeypatch.setattr("chat_app.runtime.build_service", lambda settings: (settings, None))
+    monkeypatch.setattr("chat_app.runtime.build_service", lambda settings: (SimpleNamespace(read_only=settings.read_only, ledger=mock.Mock()), None))
     monkeypatch.setattr("chat_app.ui.launch", lambda service, **kw: served.update(kw, read_only=service.read_only))
     assert app.main(["--auth", f"{USER}:{SECRET}", "--read-only"]) == 0
     assert served == {"host": "127.0.0.1", "port": 7860, "auth": [(USER, SECRET)], "read_only": True}

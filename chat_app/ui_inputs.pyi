@@ -1,0 +1,140 @@
+"""Input components that check a value's type before Gradio coerces it.
+
+Gradio's own components turn whatever an API client sends into their type: a Textbox passes
+``str(payload)``, so ``subject=["a", "b"]`` became the subject ``"['a', 'b']"``, and a Number or
+Slider given ``"abc"`` fails deep inside Gradio with no message for the client. These subclasses
+look at the raw payload first; a wrong type is refused with ``gr.Error`` naming the field (no
+traceback reaches the client or the log, which keeps one line per refused request). The browser
+always sends the right types, so it never sees a difference. ``is_template`` makes each one use
+its parent's front end.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import gradio as gr
+
+log = logging.getLogger(__name__)
+
+
+def refuse(message: str) -> gr.Error:
+    """The error for a refused request, logged as one line."""
+    log.warning("refused a request: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
+def kind(value: object) -> str:
+    """How a value's type reads in a message: "a list", "a number", "text"."""
+    names = {list: "a list", tuple: "a list", dict: "an object", bool: "true/false", int: "a number",
+             float: "a number", str: "text"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
+
+
+def text(value: Any, name: str) -> str | None:
+    """``value`` if it is text (or absent); else refused."""
+    if value is None or isinstance(value, str):
+        return value
+    raise refuse(f"{name} must be text, got {kind(value)}: {value!r:.80}")
+
+
+def number(value: Any, name: str) -> float | int | None:
+    """``value`` if it is a finite number (or absent); text such as ``"abc"`` or ``"nan"`` is refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise refuse(f"{name} must be a number, got {kind(value)}: {value!r:.80}")
+    if not math.isfinite(value):
+        raise refuse(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise refuse(f"{name} must be true or false, got {kind(value)}: {value!r:.80}")
+    return value
+
+
+def _name(component: gr.components.Component) -> str:
+    return str(component.label or "this field").split(" (")[0].lower()
+
+from gradio.events import Dependency
+
+class Textbox(gr.Textbox):
+    is_template = True
+
+    def preprocess(self, payload: Any) -> str | None:
+        return super().preprocess(text(payload, _name(self)))
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class Dropdown(gr.Dropdown):
+    """A single-choice dropdown (``multiselect`` is not supported)."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return super().preprocess(text(payload, _name(self)))
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class Number(gr.Number):
+    is_template = True
+
+    def preprocess(self, payload: Any) -> float | int | None:
+        return super().preprocess(number(payload, _name(self)))
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class Slider(gr.Slider):
+    is_template = True
+
+    def preprocess(self, payload: Any) -> float:
+        checked = number(payload, _name(self))
+        if checked is None:
+            raise refuse(f"{_name(self)} is empty; give a number")
+        return super().preprocess(checked)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class Radio(gr.Radio):
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return super().preprocess(text(payload, _name(self)))
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class CheckboxGroup(gr.CheckboxGroup):
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        if payload is not None and (not isinstance(payload, list) or not all(isinstance(v, str) for v in payload)):
+            raise refuse(f"{_name(self)} must be a list of choices, got {kind(payload)}: {payload!r:.80}")
+        return super().preprocess(payload)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
