@@ -12,7 +12,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from editing.tracing import TraceResult
+from editing.tracing.result import TraceResult
 
 _STYLE = {  # kind -> (colour map, panel title, x-axis label)
     "hidden": ("Purples", "restoring the hidden state", "single restored layer"),
