@@ -43,19 +43,26 @@ def replay(service: EditService, progress: Callable[[int, int], None] | None = N
             ledger.quarantine(edit_id, "skipped at start-up (--skip-edit): not replayed", actor="start-up")
     records = ledger.applied()
     edits = [_decode(record) for record in records]  # every payload checked before the weights change
-    mismatches = []
+    mismatches, missing = [], {}
     with service.weights.write():
         editor.reset()
         service._edits.clear()  # noqa: SLF001 - start-up owns the service's state
         for i, (record, edit) in enumerate(zip(records, edits)):
             checksum = editor.apply(edit)
             service._edits[record.id] = edit  # noqa: SLF001
-            if record.state_checksum is not None and record.state_checksum != checksum:
+            if record.state_checksum is None:  # cleared by a revert or supersede that stopped before storing it
+                missing[record.id] = checksum
+            elif record.state_checksum != checksum:
                 mismatches.append(record.id)
             if progress is not None:
                 progress(i + 1, len(records))
     if mismatches:
         log.warning("replay: %d edits reproduced another parameter checksum than stored: %s", len(mismatches), mismatches)
+    if missing:
+        try:
+            ledger.set_state_checksums(missing)
+        except LedgerError as err:
+            log.warning("could not store the state checksums of edits %s: %s", sorted(missing), err)
     if records:
         try:
             ledger.add_event(None, "replayed", actor="start-up", detail=f"{len(records)} edits replayed")

@@ -113,10 +113,10 @@ def test_fast_and_plain_agree(model, tok, subject: str) -> None:
 
 
 def test_fast_agrees_when_restorations_are_split_over_passes(model, tok, monkeypatch: pytest.MonkeyPatch) -> None:
-    from editing import tracing
+    from editing.tracing import runs
 
     plain = trace(model, tok, PROMPT, SUBJECT, noise=NOISE, window=3, samples=2, method="plain")
-    monkeypatch.setattr(tracing, "MAX_ROWS", 5)  # two jobs of two rows per pass
+    monkeypatch.setattr(runs, "MAX_ROWS", 5)  # two jobs of two rows per pass
     fast = trace(model, tok, PROMPT, SUBJECT, noise=NOISE, window=3, samples=2, method="fast")
     for kind in KINDS:
         torch.testing.assert_close(fast.scores[kind], plain.scores[kind], atol=1e-5, rtol=0)
@@ -220,12 +220,12 @@ def test_bad_input_raises(model, tok, prompt: str, subject: str, kwargs: dict, m
 
 
 def test_no_hook_survives_a_failed_trace(model, tok, monkeypatch: pytest.MonkeyPatch) -> None:
-    from editing import tracing
+    from editing.tracing import runs
 
     def boom(*_args, **_kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(tracing, "_answer_prob", boom)
+    monkeypatch.setattr(runs, "_answer_prob", boom)
     with pytest.raises(RuntimeError, match="boom"):
         trace(model, tok, PROMPT, SUBJECT, noise=NOISE, kinds=("attn",))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -66,7 +66,7 @@ def apply(h: Handlers, subject: str = "The Eiffel Tower", target: str = "Rome", 
     hp = h.service.editor.hparams
     args = {"paraphrases": "", "neighbours": "", "steps": hp.steps, "lr": hp.lr, "kl_factor": hp.kl_factor, **kw}
     return h.apply(subject, relation, target, args["paraphrases"], args["neighbours"], layer, args["steps"],
-                   args["lr"], args["kl_factor"], None)  # fmt: skip
+                   args["lr"], args["kl_factor"], None, force=bool(args.get("force")))  # fmt: skip
 
 
 def test_apply_adds_a_history_row_and_the_banner_counts_it(service: EditService) -> None:
@@ -128,7 +128,7 @@ def test_a_second_edit_of_the_same_fact_is_announced_then_supersedes(service: Ed
     assert "#1" in h.conflicts("the eiffel  tower", RELATION, "Paris")
     _, _, notice = h.preview("The Eiffel Tower", RELATION, "Paris")
     assert "supersede" in notice
-    text, _ = apply(h, target="Paris")
+    text, _ = apply(h, target="Paris", force=True)  # the tiny model's answer need not name Paris
     assert "Superseded edit #1" in text
     assert [s.split()[1].rstrip(",") for s in h.history()["status"]] == ["applied", "superseded"]  # "applied, not holding" too
 
