@@ -9,8 +9,8 @@ import logging
 import os
 import sys
 
-from chat_app.runtime import Settings
-from editing.precision import PRECISIONS
+from chat_app.settings import Settings
+from editing.defaults import PRECISIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
