@@ -26,6 +26,11 @@ def data_dir(settings: Settings) -> Path:
     return Path(os.environ.get("ROME_CHAT_DATA", settings.data_dir))
 
 
+def export_root() -> Path:
+    """Where the web app writes exported models: ``exports/`` in the data folder."""
+    return data_dir(Settings()) / "exports"
+
+
 def model_source(settings: Settings) -> str:
     """What the model was loaded from, as a user can name it again: a path, a Hugging Face id, a GGUF file."""
     if settings.model is None:

@@ -119,3 +119,38 @@ def test_export_refuses_what_it_cannot_write(app: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="not an empty folder"):
         service.export_model(root / "full")
     assert sorted(p.name for p in root.iterdir() if p.name.startswith((".g", ".missing", ".empty", "g", "missing"))) == []
+
+
+def test_cli_export_model_and_the_history_button(app: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    import app as app_module
+    from chat_app.ui_handlers import Handlers
+
+    root, first = app["root"], app["ids"][0]
+    argv = ["--model", str(root / "base"), "--db", str(root / "ledger.db"), "export-model", str(root / "cli-peft"),
+            "--format", "peft", "--ids", str(first), "--json"]  # fmt: skip
+    assert app_module.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["edit_ids"] == [first] and "adapter_model.safetensors" in out["files"]
+    monkeypatch.setenv("ROME_CHAT_DATA", str(root / "data"))
+    text = Handlers(app["service"]).export_model("hf", f"{first}")
+    written = next((root / "data" / "exports").iterdir())
+    assert str(written) in text and f"#{first}" in text and (written / "model.safetensors").is_file()
+
+
+def test_read_only_commands_open_the_ledger_without_torch(app: dict[str, Any], tmp_path: Path) -> None:
+    """``history`` and the edit-pack ``export`` run in a process that never imports torch (no model load)."""
+    import subprocess
+    import sys
+
+    root = app["root"]
+    code = (
+        "import sys, app\n"
+        f"assert app.main(['--db', {str(root / 'ledger.db')!r}, 'history', '--json']) == 0\n"
+        f"assert app.main(['--db', {str(root / 'ledger.db')!r}, 'export', {str(tmp_path / 'pack.zip')!r}]) == 0\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'a model library was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert '"subject": "The Colosseum"' in done.stdout and (tmp_path / "pack.zip").stat().st_size > 0
