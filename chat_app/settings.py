@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from editing.defaults import default_model_path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_data_dir() -> Path:
+    """``data/`` beside ``app.py`` in a checkout; for an installed wheel, the user's data folder (XDG)."""
+    if (PROJECT_ROOT / "Makefile").is_file():
+        return PROJECT_ROOT / "data"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "rome-chat"
 
 
 @dataclass(frozen=True)
@@ -18,7 +25,7 @@ class Settings:
     device: str | None = None
     read_only: bool = False
     actor: str = "app"
-    data_dir: Path = PROJECT_ROOT / "data"
+    data_dir: Path = field(default_factory=_default_data_dir)
 
 
 def data_dir(settings: Settings) -> Path:
