@@ -19,11 +19,15 @@ tok = AutoTokenizer.from_pretrained("{dir}")
 ```""",
     "peft": """```python
 from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 base = {base_load}
 model = PeftModel.from_pretrained(base, "{dir}")   # adds the edits exactly (LoRA scaling 1)
 merged = model.merge_and_unload()                 # the same weights as an hf export of these edits
-```""",
+```
+`adapter_config.json` names the base as `base_model_name_or_path`. A GGUF base must be passed as above
+(`AutoPeftModelForCausalLM` cannot open a GGUF file by name); `app.py export-model BASE_DIR --ids` (no ids)
+writes that base as a plain transformers checkpoint, which any PEFT loader can take.""",
     "gguf": """```bash
 llama-cli -m "{dir}/{file}"      # or any llama.cpp-based tool (Ollama, LM Studio, llama-cpp-python)
 ```

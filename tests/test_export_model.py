@@ -154,3 +154,13 @@ def test_read_only_commands_open_the_ledger_without_torch(app: dict[str, Any], t
                           cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert '"subject": "The Colosseum"' in done.stdout and (tmp_path / "pack.zip").stat().st_size > 0
+
+
+def test_history_tab_offers_the_model_export(app: dict[str, Any]) -> None:
+    from chat_app.ui import build_ui
+
+    demo = build_ui(app["service"])
+    names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert "export_model" in names
+    buttons = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "history-export-model"]
+    assert len(buttons) == 1 and buttons[0].interactive
