@@ -9,12 +9,12 @@ import logging
 import os
 import sys
 
-from chat_app.runtime import Settings
-from editing.tracing.precision import PRECISIONS
+from chat_app.settings import Settings
+from editing.defaults import PRECISIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="app.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="rome-chat" if os.path.basename(sys.argv[0]) == "rome-chat" else "app.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="HF model directory or id (offline cache), or a .gguf file; default: embedded SmolLM2-135M-Instruct")
     parser.add_argument("--db", help="ledger: a file path or SQLAlchemy URL (default: $DATABASE_URL, else data/<model>.ledger.db)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when present)")
@@ -90,5 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``rome-chat`` command (``pyproject.toml``): the same CLI and web app as ``python app.py``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

@@ -1,6 +1,7 @@
 """The command line over the service: ``python app.py [global flags] COMMAND …``.
 
 Readable tables by default, JSON with ``--json``; any error exits non-zero with one clear line.
+``history`` and ``export`` open the ledger alone (``LedgerReader``): no torch import, no model load.
 """
 from __future__ import annotations
 
@@ -10,19 +11,22 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import make_url
 
-from chat_app.runtime import Settings, build_service, closing_on_stop, ledger_url
-from chat_app.service import EditService
-from chat_app.transfer import export_file, import_file
+from chat_app.reader import LedgerReader
+from chat_app.settings import Settings, ledger_url
 from db import Ledger
 from db.durability import file_problems
 from db.engine import sqlite_file
-from editing import EditRequest
+from editing.defaults import EXPORT_FORMATS
+
+if TYPE_CHECKING:
+    from chat_app.service import EditService
 
 log = logging.getLogger(__name__)
+READ_COMMANDS = ("history", "export")  # served by the ledger alone
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -56,6 +60,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     imp = sub.add_parser("import", help="apply the edits of an export file")
     imp.add_argument("path")
     imp.add_argument("--json", action="store_true")
+    model = sub.add_parser("export-model", help="write the edited model: hf checkpoint, peft LoRA adapter or GGUF")
+    model.add_argument("dir", help="a new (or empty) folder to write into")
+    model.add_argument("--format", choices=EXPORT_FORMATS, default="hf",
+                       help="hf: merged checkpoint (default); peft: the edits as a LoRA adapter; gguf: a GGUF file")  # fmt: skip
+    model.add_argument("--ids", type=int, nargs="*",
+                       help="applied edits to include (default: all; --ids alone: none, the base model)")  # fmt: skip
+    model.add_argument("--json", action="store_true")
 
 
 def _row(r: Any) -> dict[str, Any]:
@@ -89,8 +100,25 @@ def _progress(stage: str, frac: float) -> None:
     log.info("%s %3.0f%%", stage, 100 * frac)
 
 
+def run_read_command(args: argparse.Namespace, reader: LedgerReader) -> int:
+    """``history`` and ``export``: the ledger alone."""
+    if args.command == "history":
+        rows = [_row(r) for r in reader.history(status=args.status)]
+        shown = [_shown_status(r) for r in rows]
+        _emit(args, rows, _table(shown, ["id", "status", "subject", "relation", "target", "layer", "answer_before"]))
+    else:
+        count = reader.export_edits(args.path, args.ids)
+        print(f"exported {count} edits to {args.path}")
+    return 0
+
+
 def run_command(args: argparse.Namespace, service: EditService) -> int:
+    from chat_app.transfer import import_file
+    from editing import EditRequest
+
     cmd = args.command
+    if cmd in READ_COMMANDS:
+        return run_read_command(args, LedgerReader(service.ledger))
     if cmd == "edit":
         request = EditRequest(args.subject, args.relation, args.target, args.layer)
         result = service.apply(request, paraphrases=args.paraphrase, neighbours=args.neighbour, note=args.note,
@@ -101,10 +129,6 @@ def run_command(args: argparse.Namespace, service: EditService) -> int:
         sup = f"; superseded {list(result.superseded)}" if result.superseded else ""
         held = "" if not result.record.not_holding else " (applied, not holding: its own prompt does not give the target)"
         _emit(args, data, f"applied edit #{result.edit_id}{held}{sup}\n{text}")
-    elif cmd == "history":
-        rows = [_row(r) for r in service.history(status=args.status)]
-        shown = [_shown_status(r) for r in rows]
-        _emit(args, rows, _table(shown, ["id", "status", "subject", "relation", "target", "layer", "answer_before"]))
     elif cmd in ("revert", "reapply"):
         record = (service.revert if cmd == "revert" else service.reapply)(args.id)
         _emit(args, _row(record), f"edit #{record.id} is now {record.status}")
@@ -121,9 +145,10 @@ def run_command(args: argparse.Namespace, service: EditService) -> int:
             ok = ok and not problems
         _emit(args, data, text)
         return 0 if ok else 1
-    elif cmd == "export":
-        count = export_file(service, args.path, args.ids)
-        print(f"exported {count} edits to {args.path}")
+    elif cmd == "export-model":
+        done = service.export_model(args.dir, args.format, args.ids)
+        data = {"path": str(done.path), "format": done.format, "edit_ids": list(done.edit_ids), "files": list(done.files)}
+        _emit(args, data, f"exported {done.format} with {len(done.edit_ids)} edits to {done.path}")
     elif cmd == "import":
         report = import_file(service, args.path)
         data = {"imported": list(report.imported), "skipped": report.skipped, "ignored": report.ignored}
@@ -152,6 +177,10 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         code = _without_model(args, settings)
         if code is not None:
             return code
+        if args.command in READ_COMMANDS:
+            return run_read_command(args, LedgerReader.open(settings))
+        from chat_app.runtime import build_service, closing_on_stop
+
         service, _ = build_service(settings)
         with closing_on_stop(service, settings):
             return run_command(args, service)

@@ -4,48 +4,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from chat_app.service import EditService
+from chat_app.settings import Settings, default_ledger_path, ledger_url, model_source
 from chat_app.startup import StartupReport, replay
-from db import Ledger, LedgerError, resolve_url
+from db import Ledger, LedgerError
 from db.durability import header_problems
 from editing import RomeEditor, load_model
-from editing.loading import default_model_path
 
 log = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["Settings", "build_service", "closing_on_stop", "default_ledger_path", "ledger_url"]
 SEEN_FILE = ".ledgers-seen.json"  # in the data folder: the highest edit id each ledger held when last used
-
-
-@dataclass(frozen=True)
-class Settings:
-    model: str | None = None  # None: the embedded default model
-    db: str | None = None  # SQLAlchemy URL or file path; else $DATABASE_URL; else a file under data/
-    device: str | None = None
-    read_only: bool = False
-    skip_edits: tuple[int, ...] = ()  # applied edits to quarantine at start-up (damaged factors)
-    actor: str = "app"
-    data_dir: Path = PROJECT_ROOT / "data"
-
-
-def default_ledger_path(settings: Settings) -> Path:
-    """One ledger file per model, so pointing the app at another model never trips over the old ledger."""
-    source = Path(settings.model) if settings.model else default_model_path()
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", source.stem or str(source))[:80]
-    return Path(os.environ.get("ROME_CHAT_DATA", settings.data_dir)) / f"{name}.ledger.db"
-
-
-def ledger_url(settings: Settings) -> str:
-    """The ledger's URL: ``--db``, else ``$DATABASE_URL``, else this model's file in the data folder."""
-    return resolve_url(settings.db, default_ledger_path(settings))
 
 
 def build_service(settings: Settings) -> tuple[EditService, StartupReport]:
@@ -62,7 +37,8 @@ def build_service(settings: Settings) -> tuple[EditService, StartupReport]:
     except LedgerError:
         ledger.close()
         raise
-    service = EditService(editor, ledger, actor=settings.actor, read_only=settings.read_only)
+    service = EditService(editor, ledger, actor=settings.actor, read_only=settings.read_only,
+                          source=model_source(settings))  # fmt: skip
     count = len(ledger.applied())
     log.info("replaying %d applied edits from %s", count, ledger.where)
     report = replay(service, skip=settings.skip_edits)

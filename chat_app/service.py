@@ -74,8 +74,10 @@ class VerifyItem:
 
 
 class EditService:
-    def __init__(self, editor: RomeEditor, ledger: Ledger, *, actor: str = "app", read_only: bool = False) -> None:
+    def __init__(self, editor: RomeEditor, ledger: Ledger, *, actor: str = "app", read_only: bool = False,
+                 source: str | None = None) -> None:  # fmt: skip
         self.editor, self.ledger = editor, ledger
+        self.source = source or str(getattr(editor.model.config, "name_or_path", "") or "unknown model")
         self.actor, self.read_only = actor, read_only
         self.weights = RWLock()
         self._edit_mutex = threading.Lock()
@@ -129,6 +131,16 @@ class EditService:
             context = self.editor.original_weights() if original else None
             yield from stream_chat(self.model, self.tok, messages, temperature, max_new_tokens, context,
                                    float(repetition_penalty))  # fmt: skip
+
+    def export_model(self, dest: str | os.PathLike[str], fmt: str = "hf", ids: list[int] | None = None) -> Any:
+        """Write the model with the applied edits (or ``ids`` of them) as hf, peft or gguf files; return a ``ModelExport``.
+
+        Built on copies under the read lock: the running model and the ledger are unchanged.
+        """
+        from chat_app.export_model import write_model
+
+        with self.weights.read():
+            return write_model(self, dest, fmt, ids)
 
     # ----- changing ------------------------------------------------------------------------
     def _writable(self) -> None:

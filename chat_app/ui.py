@@ -6,7 +6,8 @@ chat at once while an edit is computed (the service serialises weight changes; a
 only while the weights are swapped).
 
 API endpoints (``gradio_client``): ``/chat``, ``/preview``, ``/conflicts``, ``/apply_edit``,
-``/history``, ``/detail``, ``/revert``, ``/reapply``, ``/verify``, ``/export``, ``/import_edits``, ``/locate``.
+``/history``, ``/detail``, ``/revert``, ``/reapply``, ``/verify``, ``/export``, ``/import_edits``,
+``/export_model``, ``/locate``.
 """
 from __future__ import annotations
 
@@ -146,6 +147,8 @@ def _wire_history(h: Handlers, v: SimpleNamespace, filters: list, views: list, t
             h.refresh, filters, views, api_visibility="private"
         )  # fmt: skip
     v.verify.click(h.verify, None, [v.verify_text, v.verify_table], api_name="verify")
+    v.export_model.click(h.export_model, [v.model_format, v.model_ids], v.model_out, api_name="export_model",
+                         concurrency_limit=1)  # fmt: skip
     if hasattr(v, "export"):
         v.export.click(h.export, None, [v.export_out, v.transfer], api_name="export")
         v.import_.click(h.import_, v.import_in, v.transfer, api_name="import_edits", **WEIGHTS).success(

@@ -22,6 +22,7 @@ import pandas as pd
 from chat_app import ui_render as render
 from chat_app.ui_inputs import refuse
 from chat_app.service import EditService
+from chat_app.settings import export_root
 from editing import EditRequest
 
 try:  # written alongside the UI; the History tab hides Export/Import until it exists
@@ -292,3 +293,17 @@ class Handlers:
         if report.imported:
             text += " (" + ", ".join(f"#{i}" for i in report.imported) + ")"
         return text + f"; skipped {report.skipped} already present."
+
+    def export_model(self, fmt: str, ids_text: str | None) -> str:
+        """Write the edited model (hf, peft or gguf) to a new folder on the server; say where."""
+        if self.service.read_only:
+            raise gr.Error("this app runs read-only: exporting the model to the server's disk is disabled")
+        ids = None
+        if ids_text and ids_text.strip():
+            ids = [whole(part, "edit id") for part in ids_text.replace(",", " ").split()]
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        with user_errors():
+            done = self.service.export_model(export_root() / f"model-{fmt}-{stamp}", fmt, ids)
+        held = ", ".join(f"#{i}" for i in done.edit_ids) or "none (the base model)"
+        return (f"Wrote the **{done.format}** export to `{done.path}` on the server ({', '.join(done.files)}). "
+                f"Edits it holds: {held}. Its README.md lists them and says how to load it.")  # fmt: skip

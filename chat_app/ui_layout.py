@@ -15,6 +15,7 @@ from chat_app import ui_render as render
 from chat_app.probes import REPETITION_PENALTY
 from chat_app.service import EditService
 from chat_app.ui_handlers import COMMON_RELATIONS, STATUS_CHOICES, export_file
+from editing.defaults import EXPORT_FORMATS
 
 NO_LATEX: list[dict[str, Any]] = []  # "$" in user text is text, never maths
 
@@ -116,6 +117,13 @@ def history_tab(service: EditService) -> SimpleNamespace:
                 h.import_in = gr.File(label="Export file to import", file_count="single", type="filepath")
                 h.import_ = gr.Button("Import", interactive=writable)
         h.transfer = gr.Markdown()
+    with gr.Accordion("Export the edited model", open=False):
+        with gr.Row():
+            h.model_format = gr.Radio(list(EXPORT_FORMATS), value="hf", scale=2,
+                                      label="Format (hf: transformers checkpoint; peft: LoRA adapter; gguf: llama.cpp)")  # fmt: skip
+            h.model_ids = gr.Textbox(label="Edit ids (empty: all applied)", placeholder="1, 3", scale=2)
+            h.export_model = gr.Button("Export model", interactive=writable, scale=1, elem_id="history-export-model")
+        h.model_out = gr.Markdown(elem_id="history-export-model-out")
     return h
 
 

@@ -283,6 +283,21 @@ class RomeEditor:
             sums.append(tensor_checksum(state[edit.param_name]))
         return sums
 
+    @torch.no_grad()
+    def weights_with(self, edits: list[RankOneEdit]) -> dict[str, torch.Tensor]:
+        """Every parameter the applied edits or ``edits`` touch, as its baseline plus ``edits`` in order.
+
+        New tensors, added exactly as ``apply`` adds them (so with ``edits == applied`` they equal the
+        live weights bit for bit); the model's weights are unchanged on return.
+        """
+        for edit in edits:
+            self._check(edit)
+        names = list(self._baseline) + [e.param_name for e in edits if e.param_name not in self._baseline]
+        state = {name: self._baseline.get(name, self.model.get_parameter(name)).detach().clone() for name in names}
+        for edit in edits:
+            state[edit.param_name] = self._added(edit.param_name, edit.value_dir, edit.key_dir, state[edit.param_name])
+        return state
+
     @property
     def applied(self) -> tuple[RankOneEdit, ...]:
         return tuple(self._applied)

