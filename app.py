@@ -75,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     from chat_app.runtime import build_service
     from chat_app.ui import launch
 
+    from chat_app.warmup import start_warmup
+
     auth = read_auth(args.auth)
     service, _ = build_service(settings)
-    launch(service, host=args.host, port=args.port, auth=auth)
+    launch(service, host=args.host, port=args.port, auth=auth, warmup=start_warmup(service))
     return 0
 
 

@@ -21,6 +21,7 @@ from chat_app import ui_chat, ui_layout, ui_locate
 from chat_app.probes import REPETITION_PENALTY
 from chat_app.service import EditService
 from chat_app.ui_handlers import Handlers
+from chat_app.warmup import StatsWarmup
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,12 @@ def theme() -> gr.themes.Base:
                           font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])  # fmt: skip
 
 
-def build_ui(service: EditService) -> gr.Blocks:
-    """The whole app for ``service`` (shared by every session); launch with ``launch`` or ``.queue().launch()``."""
-    handlers = Handlers(service)
+def build_ui(service: EditService, warmup: StatsWarmup | None = None) -> gr.Blocks:
+    """The whole app for ``service`` (shared by every session); launch with ``launch`` or ``.queue().launch()``.
+
+    ``warmup``: the background preparation of the key statistics, shown in the banner; edits wait for it.
+    """
+    handlers = Handlers(service, warmup)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         banner = gr.Markdown(elem_id="banner")
@@ -157,10 +161,10 @@ def _wire_locate(service: EditService, loc: SimpleNamespace, form: SimpleNamespa
 
 def launch(
     service: EditService, host: str = "127.0.0.1", port: int = 7860,
-    auth: list[tuple[str, str]] | None = None, share: bool = False,
+    auth: list[tuple[str, str]] | None = None, share: bool = False, warmup: StatsWarmup | None = None,
 ) -> None:  # fmt: skip
     """Serve the app until interrupted. ``auth``: (user, password) pairs protecting every page and API call."""
-    demo = build_ui(service)
+    demo = build_ui(service, warmup)
     demo.queue(default_concurrency_limit=CONCURRENCY)
     log.info("serving on http://%s:%d%s", host, port, " (password protected)" if auth else "")
     demo.launch(

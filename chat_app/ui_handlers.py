@@ -19,6 +19,7 @@ import pandas as pd
 
 from chat_app import ui_render as render
 from chat_app.service import EditService
+from chat_app.warmup import StatsWarmup
 from editing import EditRequest
 
 try:  # written alongside the UI; the History tab hides Export/Import until it exists
@@ -43,6 +44,7 @@ MAX_PROBES = 20  # paraphrase or neighbour lines per edit
 # Share of the progress bar per stage of ``service.apply``: (start, end, what the user reads).
 STAGES: dict[str, tuple[float, float, str]] = {
     "statistics": (0.02, 0.60, "Computing key statistics for this layer (once; cached afterwards)"),
+    "waiting": (0.02, 0.60, "Waiting for the key statistics being prepared in the background (once per machine)"),
     "key": (0.60, 0.65, "Locating the subject's key"),
     "value": (0.65, 0.95, "Optimising the new value"),
     "update": (0.95, 0.99, "Writing the rank-one update and checking it"),
@@ -105,8 +107,8 @@ def stage_progress(progress: Callable[..., Any]) -> Callable[[str, float], None]
 class Handlers:
     """The form and History tabs' handlers, bound to one service shared by every browser session."""
 
-    def __init__(self, service: EditService) -> None:
-        self.service = service
+    def __init__(self, service: EditService, warmup: StatsWarmup | None = None) -> None:
+        self.service, self.warmup = service, warmup
 
     # ----- shared -------------------------------------------------------------------
     def banner(self) -> str:
@@ -115,15 +117,22 @@ class Handlers:
         text += " · the original model is one switch away in the Chat tab" if n else " · the model is unedited"
         if self.service.read_only:
             text += " · **read-only**: editing is disabled"
+        elif self.warmup is not None:
+            text += f" · {self.warmup.banner()}"
         return text
+
+    def statistics_ready(self) -> None:
+        """Weight changes wait for the background statistics, which must see the weights they started on."""
+        if self.warmup is not None:
+            self.warmup.wait()
 
     def refresh(self, text: str | None = None, status: str | None = None) -> tuple[str, pd.DataFrame]:
         """Banner and history table, after any change."""
         return self.banner(), self.history(text, status)
 
-    def signature(self) -> tuple[int, int]:
-        """Changes whenever any session changes the ledger (for the periodic refresh)."""
-        return self.service.active_count, len(self.service.events())
+    def signature(self) -> tuple[int, int, str]:
+        """Changes whenever any session changes the ledger, or the background statistics progress."""
+        return self.service.active_count, len(self.service.events()), self.warmup.banner() if self.warmup else ""
 
     # ----- the form ---------------------------------------------------------------------
     def request(self, subject: str, relation: str, target: str, layer: Any = None) -> EditRequest:
@@ -168,10 +177,13 @@ class Handlers:
         checks = (lines(paraphrases, "paraphrase"), lines(neighbours, "neighbour"))
         progress(0.0, desc="Checking the request and the answers before the edit")
         t0 = time.perf_counter()
+        report = stage_progress(progress)
+        if self.warmup is not None:  # never compute the statistics twice, nor change weights under them
+            self.warmup.wait(lambda _stage, fraction: report("waiting", fraction))
         with user_errors():
             result = self.service.apply(
                 request, paraphrases=checks[0], neighbours=checks[1], note=(note or "").strip() or None,
-                progress=stage_progress(progress), **overrides,
+                progress=report, **overrides,
             )  # fmt: skip
         held = sum(p.holds for p in result.probes)
         text = [f"**Edit #{result.edit_id} applied** at layer {result.record.layer}: "
@@ -214,6 +226,7 @@ class Handlers:
 
     def reapply(self, edit_id: Any) -> tuple[str, str]:
         chosen = whole(edit_id, "edit id")
+        self.statistics_ready()
         with user_errors():
             record = self.service.reapply(chosen)
         return f"Re-applied edit #{record.id}.", self.detail(chosen)
@@ -244,6 +257,7 @@ class Handlers:
             raise gr.Error("import is not available in this version")
         if not path:
             raise gr.Error("choose an export file to import first")
+        self.statistics_ready()
         with user_errors():
             report = import_file(self.service, path)
         text = f"Imported {len(report.imported)} edit{'s' if len(report.imported) != 1 else ''}"
