@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from chat_app.completions import CompletionCache, complete_batch, weights_state
 from chat_app.locks import RWLock
 from chat_app.probes import REPETITION_PENALTY, TopToken, complete, holds, stream_chat, top_next
 from db import EditRecord, EventRecord, Ledger, LedgerError
@@ -82,6 +83,7 @@ class EditService:
         self._edits: dict[int, RankOneEdit] = {}  # ledger id -> applied edit object
         # ROME_CHAT_MIN_TARGET_PROB: tiny test models, which cannot become confident, run the app with 0
         self.min_target_prob = float(os.environ.get("ROME_CHAT_MIN_TARGET_PROB", MIN_TARGET_PROB))
+        self.completions = CompletionCache()  # probe answers per weight state: preview's reused by apply
 
     # ----- reading -----------------------------------------------------------------------
     @property
@@ -113,7 +115,7 @@ class EditService:
         if not prompt.strip():
             raise ValueError("type a prompt to preview")
         with self.weights.read():
-            return complete(self.model, self.tok, prompt), top_next(self.model, self.tok, prompt, k)
+            return self.completions.answers(self.editor, [prompt])[0], top_next(self.model, self.tok, prompt, k)
 
     def chat(self, messages: list[dict[str, str]], temperature: float = 0.0, max_new_tokens: int = 128,
              original: bool = False, repetition_penalty: float = REPETITION_PENALTY) -> Iterator[str]:  # fmt: skip
@@ -184,7 +186,8 @@ class EditService:
         with self._edit_mutex:
             with self.weights.read():
                 self.editor.validate(request, **overrides)
-                before = [(p, k, complete(self.model, self.tok, p)) for p, k in prompts]
+                answers = self.completions.answers(self.editor, [p for p, _ in prompts])  # the preview's reused
+                before = [(p, k, a) for (p, k), a in zip(prompts, answers)]
                 try:
                     edit = self.editor.compute(request, progress=progress, **overrides)
                 except FloatingPointError as err:
@@ -204,18 +207,26 @@ class EditService:
                         self.editor.revert(self._edits.pop(record.id))
                     checksum = self.editor.apply(edit)
                     self._edits[edit_id] = edit
-                    probes = tuple(Probe(p, k, request.target if k != "neighbour" else b, b,
-                                         complete(self.model, self.tok, p)) for p, k, b in before)  # fmt: skip
+                    afters = complete_batch(self.model, self.tok, [p for p, _, _ in before])
+                    probes = tuple(Probe(p, k, request.target if k != "neighbour" else b, b, a)
+                                   for (p, k, b), a in zip(before, afters))  # fmt: skip
                     self.ledger.mark_applied(
                         edit_id, checksum, answer_after=probes[0].after, probes=[p.to_dict() for p in probes],
                         actor=actor, supersedes=[r.id for r in old],
                     )  # fmt: skip
+                    self._remember(probes)
             except BaseException as err:
                 self._resync(f"apply of edit #{edit_id} failed: {err}", failed_id=edit_id)
                 raise
             if progress is not None:
                 progress("done", 1.0)
             return ApplyResult(edit_id, self.ledger.get(edit_id), probes, tuple(r.id for r in old), edit.stats)
+
+    def _remember(self, probes: tuple[Probe, ...]) -> None:
+        """The after-answers are the new weights' completions: the form's next preview reuses them."""
+        state = weights_state(self.editor)
+        for probe in probes:
+            self.completions.put(state, probe.prompt, probe.after)
 
     def _refuse(self, request: EditRequest, reason: str, actor: str, answer_before: str) -> None:
         meta = {"subject": request.subject, "relation": request.relation, "target": request.target,
