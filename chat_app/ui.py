@@ -6,7 +6,8 @@ chat at once while an edit is computed (the service serialises weight changes; a
 only while the weights are swapped).
 
 API endpoints (``gradio_client``): ``/chat``, ``/preview``, ``/conflicts``, ``/apply_edit``,
-``/history``, ``/detail``, ``/revert``, ``/reapply``, ``/verify``, ``/export``, ``/import_edits``, ``/locate``.
+``/history``, ``/detail``, ``/revert``, ``/reapply``, ``/verify``, ``/export``, ``/import_edits``, ``/locate``
+(exact causal trace), ``/locate_quick`` (its quick approximation).
 """
 from __future__ import annotations
 
@@ -152,9 +153,15 @@ def _wire_locate(service: EditService, loc: SimpleNamespace, form: SimpleNamespa
               progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008  # fmt: skip
         return ui_locate.locate(service, prompt, subject, expected, samples, progress, kinds, precision)
 
-    loc.trace.click(trace, [loc.prompt, loc.subject, loc.expected, loc.samples, loc.kinds, loc.precision],
-                    [loc.plot, loc.summary, loc.found],
+    def quick(prompt: str, subject: str, expected: str, samples: int, kinds: list[str],
+              progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008  # fmt: skip
+        return ui_locate.locate(service, prompt, subject, expected, samples, progress, kinds, method="quick")
+
+    fields = [loc.prompt, loc.subject, loc.expected, loc.samples, loc.kinds]
+    loc.trace.click(trace, [*fields, loc.precision], [loc.plot, loc.summary, loc.found],
                     api_name="locate", concurrency_id="trace", concurrency_limit=1)  # fmt: skip
+    gr.on([loc.quick.click, loc.prompt.submit], quick, fields, [loc.plot, loc.summary, loc.found],
+          api_name="locate_quick", concurrency_id="trace", concurrency_limit=1)  # fmt: skip
     loc.carry.click(ui_locate.carry, loc.found, [form.subject, form.relation, form.layer, form.advanced, tabs],
                     api_visibility="private")  # fmt: skip
 

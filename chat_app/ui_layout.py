@@ -123,7 +123,8 @@ def locate_tab() -> SimpleNamespace:
         return loc
     gr.Markdown("Causal tracing corrupts the subject's tokens with noise, then restores one hidden state at a time: "
                 "states that bring the answer back carry the fact. The MLP layer that matters most at the last "
-                "subject token is where an edit works best.")  # fmt: skip
+                "subject token is where an edit works best. **Quick trace** estimates every restoration at once "
+                "(attribution patching, about a second); **Exact trace** runs them all (the reference, slower).")  # fmt: skip
     with gr.Row():
         loc.prompt = gr.Textbox(label="Prompt", placeholder="The Eiffel Tower is located in the city of", scale=3)
         loc.subject = gr.Textbox(label="Subject (as written in the prompt)", placeholder="The Eiffel Tower", scale=2)
@@ -135,7 +136,8 @@ def locate_tab() -> SimpleNamespace:
                                      label="States to restore (MLP alone: about a third of the time)")  # fmt: skip
         loc.precision = gr.Radio(ui_locate.PRECISION_CHOICES, value="auto", scale=2,
                                  label="Arithmetic (Auto: bfloat16 where the CPU has it, else float32)")  # fmt: skip
-        loc.trace = gr.Button("Trace", variant="primary", scale=1)
+        loc.quick = gr.Button("Quick trace (approximate, seconds)", variant="primary", scale=1, elem_id="locate-quick")
+        loc.trace = gr.Button("Exact trace", scale=1, elem_id="locate-exact")
         loc.carry = gr.Button("Use subject, relation and layer in the form", scale=1)
     loc.summary = gr.Markdown()
     loc.plot = gr.Plot(label="Causal trace: hidden state, MLP and attention", show_label=False)

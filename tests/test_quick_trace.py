@@ -45,3 +45,17 @@ def test_bad_input_raises_as_the_exact_trace_does(model, tok) -> None:  # noqa: 
         quick_trace(model, tok, PROMPT, "louvre", noise=1.0)
     with pytest.raises(ValueError, match="kinds must be"):
         quick_trace(model, tok, PROMPT, SUBJECT, noise=1.0, kinds=("neurons",))
+
+
+def test_the_locate_tab_offers_the_quick_trace_and_says_it_is_approximate(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from chat_app import ui_locate
+    from tests.service_helpers import start
+
+    service = start(tmp_path / "l.db")
+    prompt, subject = "The Eiffel tower is located in the city of", "The Eiffel tower"
+    quiet = lambda *a, **k: None  # noqa: E731
+    figure, summary, found = ui_locate.locate(service, prompt, subject, None, 2, quiet, ["mlp"], method="quick")
+    assert "Quick approximation" in summary and "quick approximation" in figure._suptitle.get_text()  # noqa: SLF001
+    assert found["relation"] == "{} is located in the city of" and 0 <= found["layer"] < service.editor.n_layers
+    _, exact, _ = ui_locate.locate(service, prompt, subject, None, 2, quiet, ["mlp"], "float32")
+    assert "Quick approximation" not in exact
