@@ -67,7 +67,7 @@ def build_ui(service: EditService, warmup: StatsWarmup | None = None) -> gr.Bloc
         seen = gr.State(None)  # the ledger signature this page last showed
         timer = gr.Timer(REFRESH_S)
 
-        views = [banner, history.table]
+        views = [banner, history.table, chat.chatbot]
         filters = [history.text, history.status]
         _wire_chat(service, chat)
         _wire_form(handlers, form, filters, views)
@@ -77,8 +77,8 @@ def build_ui(service: EditService, warmup: StatsWarmup | None = None) -> gr.Bloc
         def poll(last: Any, text: str, status: str) -> tuple[Any, ...]:
             now = handlers.signature()
             if now == last:
-                return gr.skip(), gr.skip(), gr.skip()
-            return (*handlers.refresh(text, status), now)
+                return tuple(gr.skip() for _ in range(len(views) + 1))
+            return (*handlers.refresh_page(text, status), now)
 
         demo.load(poll, [seen, *filters], [*views, seen], api_visibility="private")
         timer.tick(poll, [seen, *filters], [*views, seen], show_progress="hidden", api_visibility="private")
@@ -109,7 +109,10 @@ def _wire_chat(service: EditService, c: SimpleNamespace) -> None:
         [c.chatbot, c.original, c.conv, c.orig], **private,
     )  # fmt: skip
     c.compare.change(lambda on: gr.Chatbot(visible=on), c.compare, c.original, queue=False, **private)
-    c.clear.click(lambda: ([], [], [], []), None, [c.chatbot, c.original, c.conv, c.orig], queue=False, **private)
+    clear = (lambda: ([], [], [], []), None, [c.chatbot, c.original, c.conv, c.orig])
+    c.clear.click(*clear, queue=False, **private)
+    for bot in (c.chatbot, c.original):  # the Chatbot's own trash icon clears the conversation too, not just the view
+        bot.clear(*clear, queue=False, **private)
     gr.api(chat, api_name="chat")
 
 
@@ -123,25 +126,26 @@ def _wire_form(h: Handlers, f: SimpleNamespace, filters: list, views: list) -> N
         h.apply, [*fact, f.paraphrases, f.neighbours, f.layer, f.steps, f.lr, f.kl, f.note], [f.result, f.probes],
         api_name="apply_edit", **WEIGHTS,
     )  # fmt: skip
-    applied.then(h.refresh, filters, views, api_visibility="private")  # also after a refusal: it is in the ledger
+    # Also after a refusal (it is in the ledger). No spinner: the result above already says the edit is done.
+    applied.then(h.refresh_page, filters, views, show_progress="hidden", api_visibility="private")
     applied.success(lambda *fields: ("", *h.preview(*fields)[:2]), fact, [f.conflict, f.completion, f.top],
-                    api_visibility="private")  # fmt: skip  (the result says what was superseded; show the new answer)
+                    show_progress="hidden", api_visibility="private")  # fmt: skip  (the new answer, remembered by apply)
 
 
 def _wire_history(h: Handlers, v: SimpleNamespace, filters: list, views: list, tab: gr.Tab) -> None:
     gr.on([v.refresh.click, v.text.submit, v.status.change], h.history, filters, v.table, api_name="history")
-    tab.select(h.refresh, filters, views, api_visibility="private")
+    tab.select(h.refresh_page, filters, views, api_visibility="private")
     v.table.select(h.select, None, [v.selected, v.detail], api_visibility="private")
     v.selected.submit(h.detail, v.selected, v.detail, api_name="detail")
     for button, fn, name in ((v.revert, h.revert, "revert"), (v.reapply, h.reapply, "reapply")):
         button.click(fn, v.selected, [v.action, v.detail], api_name=name, **WEIGHTS).success(
-            h.refresh, filters, views, api_visibility="private"
+            h.refresh_page, filters, views, api_visibility="private"
         )  # fmt: skip
     v.verify.click(h.verify, None, [v.verify_text, v.verify_table], api_name="verify")
     if hasattr(v, "export"):
         v.export.click(h.export, None, [v.export_out, v.transfer], api_name="export")
         v.import_.click(h.import_, v.import_in, v.transfer, api_name="import_edits", **WEIGHTS).success(
-            h.refresh, filters, views, api_visibility="private"
+            h.refresh_page, filters, views, api_visibility="private"
         )  # fmt: skip
 
 

@@ -126,9 +126,18 @@ class Handlers:
         if self.warmup is not None:
             self.warmup.wait()
 
+    def chat_label(self) -> str:
+        """The Chat tab's title for the model it talks to: edited (how many edits) or not."""
+        n = self.service.active_count
+        return f"Edited model ({n} edit{'s' if n != 1 else ''})" if n else "Model (no edits)"
+
     def refresh(self, text: str | None = None, status: str | None = None) -> tuple[str, pd.DataFrame]:
         """Banner and history table, after any change."""
         return self.banner(), self.history(text, status)
+
+    def refresh_page(self, text: str | None = None, status: str | None = None) -> tuple[str, pd.DataFrame, Any]:
+        """Banner, history table and the Chat tab's title, after any change."""
+        return (*self.refresh(text, status), gr.Chatbot(label=self.chat_label()))
 
     def signature(self) -> tuple[int, int, str]:
         """Changes whenever any session changes the ledger, or the background statistics progress."""
@@ -185,10 +194,9 @@ class Handlers:
                 request, paraphrases=checks[0], neighbours=checks[1], note=(note or "").strip() or None,
                 progress=report, **overrides,
             )  # fmt: skip
-        held = sum(p.holds for p in result.probes)
         text = [f"**Edit #{result.edit_id} applied** at layer {result.record.layer}: "
                 f"{render.fact_line(request.subject, request.relation, request.target)}",
-                f"{held}/{len(result.probes)} checks hold · {time.perf_counter() - t0:.1f} s"]  # fmt: skip
+                f"{render.checks_summary(result.probes).capitalize()} · {time.perf_counter() - t0:.1f} s"]  # fmt: skip
         if "target_prob" in result.stats:
             text[-1] += f" · target probability {result.stats['target_prob']:.2f}"
         if result.superseded:
