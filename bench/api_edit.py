@@ -53,9 +53,11 @@ def instrument(service: Any) -> None:
     import editing.editor as editor_mod
     from chat_app import ui_handlers
 
-    for module in (service_mod, sys.modules.get("chat_app.completions")):
-        if module is not None and hasattr(module, "complete"):
-            module.complete = timed("probes", module.complete)
+    import chat_app.completions as completions_mod
+
+    for module, name in ((service_mod, "complete"), (service_mod, "complete_batch"), (completions_mod, "complete_batch")):
+        if hasattr(module, name):  # the outermost generation calls only, so nothing is counted twice
+            setattr(module, name, timed("probes", getattr(module, name)))
     editor_mod.tensor_checksum = timed("checksums", editor_mod.tensor_checksum)
     service.editor.compute = timed("compute (incl. its checksums)", service.editor.compute)
     for name in ("record_pending", "mark_applied", "add_event", "set_state_checksums"):

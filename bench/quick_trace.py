@@ -13,6 +13,7 @@ and the times; then the medians, the mean correlation and how often the suggeste
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import statistics
@@ -51,7 +52,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     model, tok = load_model()
     noise = 3 * embedding_std(model, tok)
-    facts = [r for r in json.loads(DATA.read_text()) if knows(model, tok, r)][: args.n]
+    facts = list(itertools.islice((r for r in json.loads(DATA.read_text()) if knows(model, tok, r)), args.n))
     rows = []
     print("fact | rho (same noise) | rho (10 samples) | layer exact / quick | exact s | quick s (3 maps)", flush=True)
     for record in facts:

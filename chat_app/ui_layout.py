@@ -143,7 +143,7 @@ def locate_tab() -> SimpleNamespace:
         loc.quick = gr.Button("Quick trace (approximate, seconds)", variant="primary", scale=1, elem_id="locate-quick")
         loc.trace = gr.Button("Exact trace", scale=1, elem_id="locate-exact")
         loc.carry = gr.Button("Use subject, relation and layer in the form", scale=1)
-    loc.summary = gr.Markdown()
+    loc.summary = gr.Markdown(elem_id="locate-summary")
     loc.plot = gr.Plot(label="Causal trace: hidden state, MLP and attention", show_label=False)
     loc.found = gr.State(None)
     return loc
