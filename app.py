@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     from chat_app.ui import launch
     from db import LedgerError
 
+    from chat_app.warmup import start_warmup
+
     auth = read_auth(args.auth)
     try:
         service, _ = build_service(settings)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("app").error("%s", err)
         return 2
     with closing_on_stop(service, settings):
-        launch(service, host=args.host, port=args.port, auth=auth)
+        launch(service, host=args.host, port=args.port, auth=auth, warmup=start_warmup(service))
     return 0
 
 

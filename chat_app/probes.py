@@ -23,7 +23,11 @@ def complete(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, 
     """Greedy continuation of ``prompt``, cut at the first line break or sentence end."""
     enc = tok(prompt, return_tensors="pt").to(model.device)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return first_sentence(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+
+
+def first_sentence(text: str) -> str:
+    """A generated continuation cut at the first line break or sentence end."""
     text = text.split("\n")[0]
     for stop in (". ", "? ", "! "):
         text = text.split(stop)[0]

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from chat_app.completions import CompletionCache, complete_batch, weights_state
 from chat_app.locks import RWLock
 from chat_app.probes import REPETITION_PENALTY, TopToken, complete, holds, stream_chat, top_next
 from db import EditRecord, EventRecord, Ledger, LedgerError
@@ -85,6 +86,7 @@ class EditService:
         # ROME_CHAT_MIN_TARGET_PROB: tiny test models, which cannot become confident, run the app with 0;
         # 0 also lifts the check that the edited prompt's answer names the target, which they cannot meet
         self.min_target_prob = float(os.environ.get("ROME_CHAT_MIN_TARGET_PROB", MIN_TARGET_PROB))
+        self.completions = CompletionCache()  # probe answers per weight state: preview's reused by apply
 
     # ----- reading -----------------------------------------------------------------------
     @property
@@ -116,7 +118,7 @@ class EditService:
         if not prompt.strip():
             raise ValueError("type a prompt to preview")
         with self.weights.read():
-            return complete(self.model, self.tok, prompt), top_next(self.model, self.tok, prompt, k)
+            return self.completions.answers(self.editor, [prompt])[0], top_next(self.model, self.tok, prompt, k)
 
     def chat(self, messages: list[dict[str, str]], temperature: float = 0.0, max_new_tokens: int = 128,
              original: bool = False, repetition_penalty: float = REPETITION_PENALTY) -> Iterator[str]:  # fmt: skip
@@ -205,7 +207,9 @@ class EditService:
             old_edits = [self._edits[r.id] for r in old]
             with self.weights.read(), self.editor.view(without=old_edits):
                 self.editor.validate(request, **overrides)
-                before = [(p, k, complete(self.model, self.tok, p)) for p, k in prompts]
+                texts = [p for p, _ in prompts]  # the preview's answers are reused, unless the view hides old edits
+                answers = complete_batch(self.model, self.tok, texts) if old else self.completions.answers(self.editor, texts)
+                before = [(p, k, a) for (p, k), a in zip(prompts, answers)]
                 try:
                     edit = self.editor.compute(request, progress=progress, **overrides)
                 except FloatingPointError as err:
@@ -236,6 +240,7 @@ class EditService:
                     )  # fmt: skip
                     if old:
                         self._store_state_checksums({e.param_name for e in old_edits})
+                    self._remember(probes)
             except BaseException as err:
                 self._resync(f"apply of edit #{edit_id} failed: {err}", failed_id=edit_id)
                 raise
@@ -246,8 +251,15 @@ class EditService:
     def _after_probes(self, request: EditRequest, edit: RankOneEdit, before: list[tuple[str, str, str]]) -> tuple[Probe, ...]:
         """Each probe answered by the model as it will be once ``edit`` is applied (this thread only)."""
         with self.editor.view(extra=[edit]):
-            return tuple(Probe(p, k, request.target if k != "neighbour" else b, b, complete(self.model, self.tok, p))
-                         for p, k, b in before)  # fmt: skip
+            afters = complete_batch(self.model, self.tok, [p for p, _, _ in before])
+        return tuple(Probe(p, k, request.target if k != "neighbour" else b, b, a)
+                     for (p, k, b), a in zip(before, afters))  # fmt: skip
+
+    def _remember(self, probes: tuple[Probe, ...]) -> None:
+        """The after-answers are the new weights' completions: the form's next preview reuses them."""
+        state = weights_state(self.editor)
+        for probe in probes:
+            self.completions.put(state, probe.prompt, probe.after)
 
     def _refuse(self, request: EditRequest, reason: str, actor: str, answer_before: str) -> None:
         meta = {"subject": request.subject, "relation": request.relation, "target": request.target,

@@ -7,7 +7,7 @@ only while the weights are swapped).
 
 API endpoints (``gradio_client``): ``/chat``, ``/preview``, ``/conflicts``, ``/apply_edit``,
 ``/history``, ``/detail``, ``/revert``, ``/reapply``, ``/verify``, ``/export``, ``/import_edits``,
-``/export_model``, ``/locate``.
+``/export_model``, ``/locate`` (exact causal trace), ``/locate_quick`` (its quick approximation).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from chat_app import ui_chat, ui_inputs, ui_layout, ui_locate
 from chat_app.probes import REPETITION_PENALTY
 from chat_app.service import EditService
 from chat_app.ui_handlers import Handlers
+from chat_app.warmup import StatsWarmup
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,12 @@ def theme() -> gr.themes.Base:
                           font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])  # fmt: skip
 
 
-def build_ui(service: EditService) -> gr.Blocks:
-    """The whole app for ``service`` (shared by every session); launch with ``launch`` or ``.queue().launch()``."""
-    handlers = Handlers(service)
+def build_ui(service: EditService, warmup: StatsWarmup | None = None) -> gr.Blocks:
+    """The whole app for ``service`` (shared by every session); launch with ``launch`` or ``.queue().launch()``.
+
+    ``warmup``: the background preparation of the key statistics, shown in the banner; edits wait for it.
+    """
+    handlers = Handlers(service, warmup)
     with gr.Blocks(title=TITLE, delete_cache=(CACHE_S, CACHE_S)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         banner = gr.Markdown(elem_id="banner")
@@ -64,7 +68,7 @@ def build_ui(service: EditService) -> gr.Blocks:
         seen = gr.State(None)  # the ledger signature this page last showed
         timer = gr.Timer(REFRESH_S)
 
-        views = [banner, history.table]
+        views = [banner, history.table, chat.chatbot]
         filters = [history.text, history.status]
         _wire_chat(service, chat)
         _wire_form(handlers, form, filters, views)
@@ -74,8 +78,8 @@ def build_ui(service: EditService) -> gr.Blocks:
         def poll(last: Any, text: str, status: str) -> tuple[Any, ...]:
             now = handlers.signature()
             if now == last:
-                return gr.skip(), gr.skip(), gr.skip()
-            return (*handlers.refresh(text, status), now)
+                return tuple(gr.skip() for _ in range(len(views) + 1))
+            return (*handlers.refresh_page(text, status), now)
 
         demo.load(poll, [seen, *filters], [*views, seen], api_visibility="private")
         timer.tick(poll, [seen, *filters], [*views, seen], show_progress="hidden", api_visibility="private")
@@ -115,7 +119,10 @@ def _wire_chat(service: EditService, c: SimpleNamespace) -> None:
     # next token and joins the generating thread before the weights lock is released.
     c.stop.click(None, None, None, cancels=[reply], queue=False, **private)
     c.compare.change(lambda on: gr.Chatbot(visible=on), c.compare, c.original, queue=False, **private)
-    c.clear.click(lambda: ([], [], [], []), None, [c.chatbot, c.original, c.conv, c.orig], queue=False, **private)
+    clear = (lambda: ([], [], [], []), None, [c.chatbot, c.original, c.conv, c.orig])
+    c.clear.click(*clear, queue=False, **private)
+    for bot in (c.chatbot, c.original):  # the Chatbot's own trash icon clears the conversation too, not just the view
+        bot.clear(*clear, queue=False, **private)
     gr.api(chat, api_name="chat")
 
 
@@ -129,9 +136,10 @@ def _wire_form(h: Handlers, f: SimpleNamespace, filters: list, views: list) -> N
     hidden, shown = (lambda: gr.Button(visible=False)), (lambda: gr.Button(visible=True))
     for button, fn, name in ((f.apply, h.apply, "apply_edit"), (f.force, h.apply_anyway, "apply_edit_anyway")):
         applied = button.click(fn, fields, [f.result, f.probes], api_name=name, **WEIGHTS)
-        applied.then(h.refresh, filters, views, api_visibility="private")  # also after a refusal: it is in the ledger
+        # Also after a refusal (it is in the ledger). No spinner: the result above already says the edit is done.
+        applied.then(h.refresh_page, filters, views, show_progress="hidden", api_visibility="private")
         applied.success(lambda *fields: ("", *h.preview(*fields)[:2]), fact, [f.conflict, f.completion, f.top],
-                        api_visibility="private")  # fmt: skip  (the result says what was superseded; the new answer)
+                        show_progress="hidden", api_visibility="private")  # fmt: skip  (the new answer, remembered by apply)
         applied.success(hidden, None, f.force, api_visibility="private", queue=False)
         if not h.service.read_only:  # a refusal offers to apply anyway (the service decides what it allows)
             applied.failure(shown, None, f.force, api_visibility="private", queue=False)
@@ -139,12 +147,12 @@ def _wire_form(h: Handlers, f: SimpleNamespace, filters: list, views: list) -> N
 
 def _wire_history(h: Handlers, v: SimpleNamespace, filters: list, views: list, tab: gr.Tab) -> None:
     gr.on([v.refresh.click, v.text.submit, v.status.change], h.history, filters, v.table, api_name="history")
-    tab.select(h.refresh, filters, views, api_visibility="private")
+    tab.select(h.refresh_page, filters, views, api_visibility="private")
     v.table.select(h.select, None, [v.selected, v.detail], api_visibility="private")
     v.selected.submit(h.detail, v.selected, v.detail, api_name="detail")
     for button, fn, name in ((v.revert, h.revert, "revert"), (v.reapply, h.reapply, "reapply")):
         button.click(fn, v.selected, [v.action, v.detail], api_name=name, **WEIGHTS).success(
-            h.refresh, filters, views, api_visibility="private"
+            h.refresh_page, filters, views, api_visibility="private"
         )  # fmt: skip
     v.verify.click(h.verify, None, [v.verify_text, v.verify_table], api_name="verify")
     v.export_model.click(h.export_model, [v.model_format, v.model_ids], v.model_out, api_name="export_model",
@@ -152,7 +160,7 @@ def _wire_history(h: Handlers, v: SimpleNamespace, filters: list, views: list, t
     if hasattr(v, "export"):
         v.export.click(h.export, None, [v.export_out, v.transfer], api_name="export")
         v.import_.click(h.import_, v.import_in, v.transfer, api_name="import_edits", **WEIGHTS).success(
-            h.refresh, filters, views, api_visibility="private"
+            h.refresh_page, filters, views, api_visibility="private"
         )  # fmt: skip
 
 
@@ -164,19 +172,25 @@ def _wire_locate(service: EditService, loc: SimpleNamespace, form: SimpleNamespa
               progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008  # fmt: skip
         return ui_locate.locate(service, prompt, subject, expected, samples, progress, kinds, precision)
 
-    loc.trace.click(trace, [loc.prompt, loc.subject, loc.expected, loc.samples, loc.kinds, loc.precision],
-                    [loc.plot, loc.summary, loc.found],
+    def quick(prompt: str, subject: str, expected: str, samples: int, kinds: list[str],
+              progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008  # fmt: skip
+        return ui_locate.locate(service, prompt, subject, expected, samples, progress, kinds, method="quick")
+
+    fields = [loc.prompt, loc.subject, loc.expected, loc.samples, loc.kinds]
+    loc.trace.click(trace, [*fields, loc.precision], [loc.plot, loc.summary, loc.found],
                     api_name="locate", concurrency_id="trace", concurrency_limit=1)  # fmt: skip
+    gr.on([loc.quick.click, loc.prompt.submit], quick, fields, [loc.plot, loc.summary, loc.found],
+          api_name="locate_quick", concurrency_id="trace", concurrency_limit=1)  # fmt: skip
     loc.carry.click(ui_locate.carry, loc.found, [form.subject, form.relation, form.layer, form.advanced, tabs],
                     api_visibility="private")  # fmt: skip
 
 
 def launch(
     service: EditService, host: str = "127.0.0.1", port: int = 7860,
-    auth: list[tuple[str, str]] | None = None, share: bool = False,
+    auth: list[tuple[str, str]] | None = None, share: bool = False, warmup: StatsWarmup | None = None,
 ) -> None:  # fmt: skip
     """Serve the app until interrupted. ``auth``: (user, password) pairs protecting every page and API call."""
-    demo = build_ui(service)
+    demo = build_ui(service, warmup)
     demo.queue(default_concurrency_limit=CONCURRENCY)
     log.info("serving on http://%s:%d%s", host, port, " (password protected)" if auth else "")
     demo.launch(

@@ -23,6 +23,7 @@ from chat_app import ui_render as render
 from chat_app.ui_inputs import refuse
 from chat_app.service import EditService
 from chat_app.settings import export_root
+from chat_app.warmup import StatsWarmup
 from editing import EditRequest
 
 try:  # written alongside the UI; the History tab hides Export/Import until it exists
@@ -48,6 +49,7 @@ EXPORT_KEEP_S = 600.0  # an export file older than this is deleted (Gradio serve
 # Share of the progress bar per stage of ``service.apply``: (start, end, what the user reads).
 STAGES: dict[str, tuple[float, float, str]] = {
     "statistics": (0.02, 0.60, "Computing key statistics for this layer (once; cached afterwards)"),
+    "waiting": (0.02, 0.60, "Waiting for the key statistics being prepared in the background (once per machine)"),
     "key": (0.60, 0.65, "Locating the subject's key"),
     "value": (0.65, 0.95, "Optimising the new value"),
     "update": (0.95, 0.99, "Writing the rank-one update and checking it"),
@@ -110,8 +112,8 @@ def stage_progress(progress: Callable[..., Any]) -> Callable[[str, float], None]
 class Handlers:
     """The form and History tabs' handlers, bound to one service shared by every browser session."""
 
-    def __init__(self, service: EditService) -> None:
-        self.service = service
+    def __init__(self, service: EditService, warmup: StatsWarmup | None = None) -> None:
+        self.service, self.warmup = service, warmup
         self._exports: Path | None = None  # one folder for this app's export files, removed at exit
 
     def close(self) -> None:
@@ -146,15 +148,31 @@ class Handlers:
                      + ", ".join(f"#{i}" for i in weak) + "): their own prompts do not give the new object")  # fmt: skip
         if self.service.read_only:
             text += " · **read-only**: editing is disabled"
+        elif self.warmup is not None:
+            text += f" · {self.warmup.banner()}"
         return text
+
+    def statistics_ready(self) -> None:
+        """Weight changes wait for the background statistics, which must see the weights they started on."""
+        if self.warmup is not None:
+            self.warmup.wait()
+
+    def chat_label(self) -> str:
+        """The Chat tab's title for the model it talks to: edited (how many edits) or not."""
+        n = self.service.active_count
+        return f"Edited model ({n} edit{'s' if n != 1 else ''})" if n else "Model (no edits)"
 
     def refresh(self, text: str | None = None, status: str | None = None) -> tuple[str, pd.DataFrame]:
         """Banner and history table, after any change."""
         return self.banner(), self.history(text, status)
 
-    def signature(self) -> tuple[int, int]:
-        """Changes whenever any session changes the ledger (for the periodic refresh)."""
-        return self.service.active_count, len(self.service.events())
+    def refresh_page(self, text: str | None = None, status: str | None = None) -> tuple[str, pd.DataFrame, Any]:
+        """Banner, history table and the Chat tab's title, after any change."""
+        return (*self.refresh(text, status), gr.Chatbot(label=self.chat_label()))
+
+    def signature(self) -> tuple[int, int, str]:
+        """Changes whenever any session changes the ledger, or the background statistics progress."""
+        return self.service.active_count, len(self.service.events()), self.warmup.banner() if self.warmup else ""
 
     # ----- the form ---------------------------------------------------------------------
     def request(self, subject: str, relation: str, target: str, layer: Any = None) -> EditRequest:
@@ -201,16 +219,18 @@ class Handlers:
         checks = (lines(paraphrases, "paraphrase"), lines(neighbours, "neighbour"))
         progress(0.0, desc="Checking the request and the answers before the edit")
         t0 = time.perf_counter()
+        report = stage_progress(progress)
+        if self.warmup is not None:  # never compute the statistics twice, nor change weights under them
+            self.warmup.wait(lambda _stage, fraction: report("waiting", fraction))
         with user_errors():
             result = self.service.apply(
                 request, paraphrases=checks[0], neighbours=checks[1], note=(note or "").strip() or None,
-                progress=stage_progress(progress), force=force, **overrides,
+                progress=report, force=force, **overrides,
             )  # fmt: skip
-        held = sum(p.holds for p in result.probes)
         applied = "applied, not holding" if result.record.not_holding else "applied"
         text = [f"**Edit #{result.edit_id} {applied}** at layer {result.record.layer}: "
                 f"{render.fact_line(request.subject, request.relation, request.target)}",
-                f"{held}/{len(result.probes)} checks hold · {time.perf_counter() - t0:.1f} s"]  # fmt: skip
+                f"{render.checks_summary(result.probes).capitalize()} · {time.perf_counter() - t0:.1f} s"]  # fmt: skip
         if "target_prob" in result.stats:
             text[-1] += f" · target probability {result.stats['target_prob']:.2f}"
         if result.superseded:
@@ -257,6 +277,7 @@ class Handlers:
 
     def reapply(self, edit_id: Any) -> tuple[str, str]:
         chosen = whole(edit_id, "edit id")
+        self.statistics_ready()
         with user_errors():
             record = self.service.reapply(chosen)
         return f"Re-applied edit #{record.id}.", self.detail(chosen)
@@ -287,6 +308,7 @@ class Handlers:
             raise refuse("import is not available in this version")
         if not path:
             raise refuse("choose an export file to import first")
+        self.statistics_ready()
         with user_errors():
             report = import_file(self.service, path)
         text = f"Imported {len(report.imported)} edit{'s' if len(report.imported) != 1 else ''}"

@@ -23,7 +23,7 @@ NO_LATEX: list[dict[str, Any]] = []  # "$" in user text is text, never maths
 def chat_tab() -> SimpleNamespace:
     c = SimpleNamespace()
     with gr.Row(equal_height=True):
-        c.chatbot = gr.Chatbot(label="Edited model", height=430, elem_id="chat-edited", latex_delimiters=NO_LATEX)
+        c.chatbot = gr.Chatbot(label="Model", height=430, elem_id="chat-edited", latex_delimiters=NO_LATEX)
         c.original = gr.Chatbot(label="Original model (no edits)", height=430, visible=False,
                                 elem_id="chat-original", latex_delimiters=NO_LATEX)  # fmt: skip
     with gr.Row():
@@ -51,17 +51,19 @@ def form_tab(service: EditService) -> SimpleNamespace:
                 "**new object**. Preview what the model says now, then apply.")  # fmt: skip
     with gr.Row():
         with gr.Column(scale=3):
-            f.subject = inputs.Textbox(label="Subject", placeholder="The Eiffel Tower", elem_id="form-subject")
+            f.subject = inputs.Textbox(label="Subject", placeholder="e.g. The Eiffel Tower", elem_id="form-subject")
             f.relation = inputs.Dropdown(COMMON_RELATIONS, value=COMMON_RELATIONS[0], allow_custom_value=True,
                                      label="Relation ({} is where the subject goes)",
                                      elem_id="form-relation")  # fmt: skip
-            f.target = inputs.Textbox(label="New object", placeholder="Rome", elem_id="form-target")
+            f.target = inputs.Textbox(label="New object", placeholder="e.g. Rome", elem_id="form-target")
             f.conflict = gr.Markdown(elem_id="form-conflict")
             with gr.Row():
                 f.paraphrases = inputs.Textbox(label="Paraphrases that should change too (one per line)", lines=3,
-                                           placeholder="The Eiffel Tower stands in the city of")  # fmt: skip
+                                           placeholder="Optional: the same fact in other words",
+                                           elem_id="form-paraphrases")  # fmt: skip
                 f.neighbours = inputs.Textbox(label="Neighbour prompts that must not change (one per line)", lines=3,
-                                          placeholder="The Louvre is located in the city of")  # fmt: skip
+                                          placeholder="Optional: a similar fact about another subject",
+                                          elem_id="form-neighbours")  # fmt: skip
             f.note = inputs.Textbox(label="Note for the ledger (optional)", max_length=500)
             with gr.Accordion("Advanced", open=False) as f.advanced:
                 with gr.Row():
@@ -92,13 +94,15 @@ def history_tab(service: EditService) -> SimpleNamespace:
         h.status = inputs.Dropdown(STATUS_CHOICES, value="all", label="Status", scale=1)
         h.refresh = gr.Button("Refresh", scale=0)
     h.table = gr.Dataframe(headers=render.HISTORY_HEADERS, datatype=render.HISTORY_TYPES, interactive=False,
-                           wrap=True, max_height=360, latex_delimiters=NO_LATEX, elem_id="history-table")  # fmt: skip
+                           wrap=True, max_height=360, latex_delimiters=NO_LATEX, elem_id="history-table",
+                           column_widths=render.HISTORY_WIDTHS)  # fmt: skip
     with gr.Row():
         with gr.Column(scale=3):
             h.detail = gr.Markdown("Select a row of the table to see an edit's detail and audit trail.",
                                    elem_id="history-detail")  # fmt: skip
         with gr.Column(scale=2):
-            h.selected = inputs.Number(label="Selected edit id", precision=0, elem_id="history-selected")
+            h.selected = inputs.Number(None, label="Selected edit id", precision=0, elem_id="history-selected",
+                                   placeholder="click a row of the table")  # fmt: skip
             with gr.Row():
                 h.revert = gr.Button("Revert", variant="stop", interactive=writable, elem_id="history-revert")
                 h.reapply = gr.Button("Re-apply", interactive=writable, elem_id="history-reapply")
@@ -134,7 +138,8 @@ def locate_tab() -> SimpleNamespace:
         return loc
     gr.Markdown("Causal tracing corrupts the subject's tokens with noise, then restores one hidden state at a time: "
                 "states that bring the answer back carry the fact. The MLP layer that matters most at the last "
-                "subject token is where an edit works best.")  # fmt: skip
+                "subject token is where an edit works best. **Quick trace** estimates every restoration at once "
+                "(attribution patching, about a second); **Exact trace** runs them all (the reference, slower).")  # fmt: skip
     with gr.Row():
         loc.prompt = inputs.Textbox(label="Prompt", placeholder="The Eiffel Tower is located in the city of", scale=3)
         loc.subject = inputs.Textbox(label="Subject (as written in the prompt)", placeholder="The Eiffel Tower", scale=2)
@@ -146,9 +151,10 @@ def locate_tab() -> SimpleNamespace:
                                      label="States to restore (MLP alone: about a third of the time)")  # fmt: skip
         loc.precision = inputs.Radio(ui_locate.PRECISION_CHOICES, value="auto", scale=2,
                                  label="Arithmetic (Auto: bfloat16 where the CPU has it, else float32)")  # fmt: skip
-        loc.trace = gr.Button("Trace", variant="primary", scale=1)
+        loc.quick = gr.Button("Quick trace (approximate, seconds)", variant="primary", scale=1, elem_id="locate-quick")
+        loc.trace = gr.Button("Exact trace", scale=1, elem_id="locate-exact")
         loc.carry = gr.Button("Use subject, relation and layer in the form", scale=1)
-    loc.summary = gr.Markdown()
+    loc.summary = gr.Markdown(elem_id="locate-summary")
     loc.plot = gr.Plot(label="Causal trace: hidden state, MLP and attention", show_label=False)
     loc.found = gr.State(None)
     return loc

@@ -21,6 +21,9 @@ MAX_PROMPT_CHARS = 300
 DEFAULT_SAMPLES = 10  # noise samples per trace (the paper's choice); the tab lets the user trade it for speed
 KIND_CHOICES = [("MLP", "mlp"), ("Hidden states", "hidden"), ("Attention", "attn")]  # (label, trace kind)
 DEFAULT_KINDS = ("hidden", "mlp", "attn")  # all three heatmaps; MLP alone takes about a third of the time
+QUICK_NOTE = ("**Quick approximation** (attribution patching: one clean, one corrupted and one backward pass give a "
+              "linear estimate of every restoration). It ranks sites like the exact trace but can misjudge how much "
+              "one state restores; press **Exact trace** to confirm before relying on a layer.")  # fmt: skip
 PRECISION_CHOICES = [("Auto", "auto"), ("bfloat16 (faster on CPUs that have it)", "bfloat16"),
                      ("float32 (exact)", "float32")]  # fmt: skip
 
@@ -38,11 +41,19 @@ def relation_of(prompt: str, subject: str) -> str:
 
 def trace_fact(service: EditService, prompt: str, subject: str, expected: str | None = None,
                samples: int = DEFAULT_SAMPLES, progress: Any = None, kinds: Any = DEFAULT_KINDS,
-               precision: str = "auto") -> Any:  # fmt: skip
-    """``editing.tracing.trace`` on the service's current (edited) model, under its read lock."""
+               precision: str = "auto", method: str = "exact") -> Any:  # fmt: skip
+    """``editing.tracing.trace`` (``method="quick"``: ``editing.quick_trace``) on the current model, under the read lock."""
     from editing.tracing import trace
 
-    with service.weights.read(long=True):
+    if method == "quick":
+        from editing.quick_trace import quick_trace
+
+        with service.weights.read():
+            return quick_trace(service.model, service.tok, prompt, subject, expected or None, samples=samples,
+                               progress=progress, kinds=tuple(kinds))  # fmt: skip
+    if method != "exact":
+        raise ValueError(f"method must be 'quick' or 'exact', got {method!r}")
+    with service.weights.read():
         return trace(service.model, service.tok, prompt, subject, expected or None, samples=samples,
                      progress=progress, kinds=tuple(kinds), precision=precision or "auto")  # fmt: skip
 
@@ -61,9 +72,9 @@ def chosen_kinds(kinds: Any) -> tuple[str, ...]:
 def locate(
     service: EditService, prompt: str, subject: str, expected: str | None = None, samples: Any = DEFAULT_SAMPLES,
     progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
-    kinds: Any = DEFAULT_KINDS, precision: str = "auto",
+    kinds: Any = DEFAULT_KINDS, precision: str = "auto", method: str = "exact",
 ) -> tuple[Any, str, dict[str, Any] | None]:  # fmt: skip
-    """Trace the fact; return the heatmaps figure, a summary and what "use in the form" carries."""
+    """Trace the fact (``method``: "exact" or "quick"); return the heatmaps figure, a summary and what the form takes."""
     if not available():
         raise refuse("causal tracing is not installed in this version (editing.tracing / editing.tracing.plot)")
     from editing.tracing.plot import plot_trace
@@ -78,7 +89,7 @@ def locate(
         progress(0.0, desc="Tracing: corrupting the subject and restoring states one by one")
         result = trace_fact(service, prompt, subject, (expected or "").strip() or None, int(samples),
                             lambda _stage, f: progress(f, desc="Tracing: restoring states one by one"), picked,
-                            precision)  # fmt: skip
+                            precision, method)  # fmt: skip
     except ValueError as err:
         raise refuse(str(err)) from err
     figure = plot_trace(result, model_name=result.model_name)
@@ -87,7 +98,10 @@ def locate(
         f"The model answers {render.code(result.answer)} (p = {result.clean_prob:.3f}; "
         f"{result.corrupted_prob:.3f} with the subject corrupted). {advice}"
     )
-    if result.precision != "float32":
+    if method == "quick":
+        figure.suptitle(figure._suptitle.get_text() + " · quick approximation", fontsize=10)  # noqa: SLF001
+        summary += "\n\n" + QUICK_NOTE
+    elif result.precision != "float32":
         summary += (f"\n\nComputed with {result.precision} matrix products: scores may differ from exact "
                     "float32 by about 0.01; choose float32 for exact figures.")  # fmt: skip
     return figure, summary, {"subject": subject, "relation": relation, "layer": layer}

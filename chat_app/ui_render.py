@@ -16,8 +16,9 @@ import pandas as pd
 
 from db import EditRecord, EventRecord
 
-HISTORY_HEADERS = ["id", "time (UTC)", "subject", "relation", "old → new answer", "layer", "status"]
-HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "number", "str"]
+HISTORY_HEADERS = ["id", "time (UTC)", "subject", "relation", "requested", "old → new answer", "layer", "status"]
+HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "markdown", "number", "str"]
+HISTORY_WIDTHS = ["44px", "150px", "16%", "20%", "11%", "20%", "58px", "116px"]  # no header wraps, status unclipped
 PROBE_HEADERS = ["check", "prompt", "expected", "before", "after", "holds"]
 PROBE_TYPES = ["str", "markdown", "markdown", "markdown", "markdown", "str"]
 VERIFY_HEADERS = ["id", "fact", "new object", "probes holding", "holds"]
@@ -25,6 +26,8 @@ VERIFY_TYPES = ["number", "markdown", "markdown", "str", "str"]
 CELL_CHARS = 160  # longer text is cut in table cells (the detail view shows it whole)
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~$=:])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Where a greedy completion runs on past its answer: ", and it's", "; it", " which …" (a lowercase word next).
+_RUN_ON = re.compile(r"(?:[,;:]| -| –| —)\s+(?=[a-z])|\s+(?:and|which|who|where|but|because|with)\s")
 
 
 def esc(text: object, limit: int | None = None) -> str:
@@ -66,18 +69,24 @@ NOT_HOLDING = "⚠ applied, not holding"
 def record_status(record: EditRecord) -> str:
     """The status as shown: an applied edit whose own prompt did not give the target is "applied, not holding"."""
     return NOT_HOLDING if record.not_holding else status_mark(record.status)
+def short_answer(text: str | None) -> str:
+    """A completion cut where it runs on past its answer ("Tokyo, and it's a major" → "Tokyo …"); the detail shows it whole."""
+    if not text:
+        return ""
+    cut = _RUN_ON.search(text)
+    return text if cut is None or cut.start() == 0 else text[: cut.start()].rstrip() + " …"
 
 
 def answer_change(record: EditRecord) -> str:
-    before = esc(record.answer_before or "—", CELL_CHARS)
-    after = record.answer_after if record.answer_after is not None else f"({record.target})"
+    before = esc(short_answer(record.answer_before) or "—", CELL_CHARS)
+    after = short_answer(record.answer_after) if record.answer_after is not None else f"({record.target})"
     return f"{before} → **{esc(after, CELL_CHARS)}**"
 
 
 def history_frame(records: Sequence[EditRecord]) -> pd.DataFrame:
     rows = [
-        [r.id, when(r.created_at), esc(r.subject, CELL_CHARS), esc(r.relation, CELL_CHARS), answer_change(r),
-         r.layer, record_status(r)]
+        [r.id, when(r.created_at), esc(r.subject, CELL_CHARS), esc(r.relation, CELL_CHARS), esc(r.target, CELL_CHARS),
+         answer_change(r), r.layer, record_status(r)]
         for r in records
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=HISTORY_HEADERS)
@@ -90,7 +99,8 @@ def probes_frame(probes: Sequence[Any]) -> pd.DataFrame:
         p = probe if isinstance(probe, dict) else probe.to_dict()
         held = p.get("holds")
         rows.append([p.get("kind", ""), esc(p.get("prompt"), CELL_CHARS), esc(p.get("expected"), CELL_CHARS),
-                     esc(p.get("before"), CELL_CHARS), esc(p.get("after", p.get("now")), CELL_CHARS),
+                     esc(short_answer(p.get("before")), CELL_CHARS),
+                     esc(short_answer(p.get("after", p.get("now"))), CELL_CHARS),
                      "—" if held is None else ("✓" if held else "✗")])  # fmt: skip
     return pd.DataFrame(rows, columns=PROBE_HEADERS)
 
@@ -134,6 +144,22 @@ def record_detail(record: EditRecord, events: Sequence[EventRecord]) -> str:
 
 def _number(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else esc(value)
+
+
+def checks_summary(probes: Sequence[Any]) -> str:
+    """What the checks at apply time say, by kind: never "1/1 checks hold" when only the edited prompt was asked."""
+    parts = []
+    for kind, label, verb in (("edited", "edited prompt", "gives the new object"),
+                              ("paraphrase", "paraphrases", "give the new object"),
+                              ("neighbour", "neighbours", "unchanged")):  # fmt: skip
+        chosen = [p for p in probes if p.kind == kind]
+        if kind == "edited" and chosen:
+            parts.append(f"the edited prompt {'gives the new object ✓' if chosen[0].holds else 'does not give it yet ✗'}")
+        elif chosen:
+            parts.append(f"{label} {sum(p.holds for p in chosen)}/{len(chosen)} {verb}")
+    if len(parts) == 1:
+        parts.append("no paraphrases or neighbours were checked")
+    return "; ".join(parts)
 
 
 def verify_frame(items: Sequence[Any]) -> pd.DataFrame:

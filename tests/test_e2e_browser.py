@@ -19,6 +19,7 @@ from tests.ui_server import EDIT_TIMEOUT_S, ROOT, missing_default_model, running
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / "artifacts" / "screenshots"
 QUESTION = "Where is the Eiffel Tower?"
+QUESTION_PROMPT = "The Eiffel Tower is located in the city of"
 REPLY_TIMEOUT_S = 240
 
 pytestmark = [
@@ -98,10 +99,31 @@ def wait_for_text(locator: object, needle: str, timeout_s: float) -> str:
     raise TimeoutError(f"{needle!r} did not appear within {timeout_s} s")
 
 
+def no_spinner(page: object, timeout_s: float) -> None:
+    """Wait until no component shows Gradio's "processing" status; fail if one still does after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    spinning = "() => [...document.querySelectorAll('.progress-text, .eta-bar, .meta-text')].some(e => e.offsetParent)"
+    while time.monotonic() < deadline:
+        if not page.evaluate(spinning):
+            return
+        time.sleep(0.5)
+    shot(page, "failure")
+    raise AssertionError(f"a spinner still shows {timeout_s} s after the edit was applied")
+
+
 def test_correct_a_fact_see_it_in_chat_and_history_then_revert(page: object) -> None:
     before = ask(page, QUESTION)
     assert "rome" not in before.lower(), before
     shot(page, "1-chat")
+
+    # The Chatbot's own clear icon clears the conversation, not only the view: the old turn never comes back.
+    page.locator("#chat-edited button[aria-label='Clear']").first.click()
+    page.wait_for_function("() => !document.querySelector('#chat-edited [data-testid=\"user\"]')")
+    page.locator("#chat-input textarea").fill("Hello")
+    page.locator("#chat-send").click()
+    settled_text(page.locator("#chat-edited [data-testid='bot']").last, REPLY_TIMEOUT_S)
+    users = page.locator("#chat-edited [data-testid='user']")
+    assert users.count() == 1 and "Eiffel" not in users.first.inner_text()
 
     tab(page, "Correct a fact")
     page.locator("#form-subject textarea").fill("The Eiffel Tower")
@@ -110,8 +132,9 @@ def test_correct_a_fact_see_it_in_chat_and_history_then_revert(page: object) -> 
     wait_for_text(page.locator("#form-completion"), "located in the city of", 120)
     page.locator("#form-apply").click()
     result = wait_for_text(page.locator("#form-result"), "applied", EDIT_TIMEOUT_S)
-    assert "Edit #1 applied" in result
+    assert "Edit #1 applied" in result and "no paraphrases or neighbours were checked" in result
     wait_for_text(page.locator("#banner"), "1 edit active", 60)  # refreshed right after the result
+    no_spinner(page, 30)
     shot(page, "2-correct-a-fact")
 
     tab(page, "Chat")
@@ -125,7 +148,8 @@ def test_correct_a_fact_see_it_in_chat_and_history_then_revert(page: object) -> 
     tab(page, "History")
     table = page.locator("#history-table")
     wait_for_text(table, "Eiffel Tower", 30)
-    assert "applied" in table.inner_text()
+    assert "applied" in table.inner_text() and "requested" in table.inner_text()
+    assert "Rome" in table.locator("tbody tr").first.inner_text()  # the object the user asked for
     table.get_by_text("Eiffel Tower").filter(visible=True).first.click()
     wait_for_text(page.locator("#history-detail"), "Audit trail", 30)
     page.locator("#history-revert").click()
@@ -140,5 +164,9 @@ def test_correct_a_fact_see_it_in_chat_and_history_then_revert(page: object) -> 
     assert "rome" not in reverted.lower(), reverted
 
     tab(page, "Locate")
-    page.wait_for_timeout(500)
+    page.get_by_label("Prompt").fill(QUESTION_PROMPT)
+    page.get_by_label("Subject (as written in the prompt)").fill("The Eiffel Tower")
+    page.locator("#locate-quick").click()
+    wait_for_text(page.locator("#locate-summary"), "Quick approximation", 120)
+    no_spinner(page, 30)
     shot(page, "5-locate")

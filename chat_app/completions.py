@@ -1,0 +1,88 @@
+"""Probe completions computed once: several prompts in one batched generation, remembered per weight state.
+
+An in-app edit answers the same prompts several times: the form's preview asks for the edited
+prompt's completion, then ``apply`` asks for it again (with the paraphrases and neighbours)
+as the "before" answers, and after the edit the form previews the new answer that ``apply``
+has just checked. ``CompletionCache`` keys each answer by the prompt and the weight state, the
+ordered tuple of the applied edits' parameter checksums (``weights_state``): the same applied
+sequence means the same weights, so a remembered answer is exactly what a new generation would
+give. Forward passes that do not see the editor's weights (``original_weights``, or a
+candidate's weights) must not read or fill the cache.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from chat_app.probes import complete, first_sentence
+from editing import RomeEditor
+
+State = tuple[str, ...]
+MAX_ITEMS = 512  # remembered answers; the oldest go first
+MAX_NEW_TOKENS = 8  # as ``probes.complete``
+
+
+def weights_state(editor: RomeEditor) -> State:
+    """The applied sequence, by each edit's resulting parameter checksum: equal states mean equal weights."""
+    return tuple(f"{e.param_name}:{e.checksum_after}" for e in editor.applied)
+
+
+@torch.no_grad()
+def complete_batch(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS
+) -> list[str]:
+    """``probes.complete`` of each prompt, generated as one left-padded batch (one prompt: exactly ``complete``).
+
+    Padding is built here rather than by switching the shared tokenizer's padding side, which
+    other threads (statistics, chats) use at the same time.
+    """
+    if len(prompts) <= 1:
+        return [complete(model, tok, p, max_new_tokens) for p in prompts]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    width = max(len(i) for i in ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(i)) + list(i) for i in ids], device=model.device)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=model.device)
+    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=pad)  # fmt: skip
+    return [first_sentence(tok.decode(row[width:], skip_special_tokens=True)) for row in out]
+
+
+class CompletionCache:
+    """Remembered greedy completions per (weight state, prompt); thread-safe."""
+
+    def __init__(self, max_items: int = MAX_ITEMS) -> None:
+        self._items: OrderedDict[tuple[State, str], str] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_items = max_items
+        self.hits = self.misses = 0
+
+    def put(self, state: State, prompt: str, answer: str) -> None:
+        with self._lock:
+            self._items[(state, prompt)] = answer
+            self._items.move_to_end((state, prompt))
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def _get(self, state: State, prompt: str) -> str | None:
+        with self._lock:
+            return self._items.get((state, prompt))
+
+    def answers(self, editor: RomeEditor, prompts: Sequence[str]) -> list[str]:
+        """The completion of each prompt on ``editor``'s current weights: remembered ones reused, the rest batched.
+
+        The caller holds the weights steady (the service's read lock) for the duration.
+        """
+        state = weights_state(editor)
+        known = {p: self._get(state, p) for p in dict.fromkeys(prompts)}
+        missing = [p for p, answer in known.items() if answer is None]
+        self.hits += len(prompts) - len(missing)
+        self.misses += len(missing)
+        for prompt, answer in zip(missing, complete_batch(editor.model, editor.tok, missing)):
+            known[prompt] = answer
+            self.put(state, prompt, answer)
+        return [known[p] for p in prompts]  # type: ignore[misc]
