@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import READ_ONLY, create_ledger_engine, describe, to_url
 from db.queries import LedgerReads, load_edit
-from db.records import check_hex64, dumps, validate_meta, validate_probes
+from db.records import check_hex64, validate_meta, validate_probes
 from db.schema import EVENT_KINDS, Edit, Event, LedgerError, MetaEntry, prepare_schema
 from db.sequence import leave_sequence, new_row, next_position, supersede_row
 
@@ -170,7 +170,7 @@ class Ledger(LedgerReads):
             if answer_after is not None:
                 row.answer_after = answer_after
             if clean_probes is not None:
-                row.probes_json = dumps(clean_probes)
+                row.probes_json = clean_probes
             detail = f"position {end}"
             if checksum_after != row.checksum_after:
                 logger.warning("edit #%d: parameter checksum after applying differs from the computed one", edit_id)

@@ -43,6 +43,12 @@ class LedgerReads:
             entry = s.get(MetaEntry, "model_fingerprint")
             return None if entry is None else entry.value
 
+    def revision(self) -> int:
+        """A counter every write transaction bumps (database triggers): a changed value means the ledger changed."""
+        with self._read.begin() as s:
+            entry = s.get(MetaEntry, "revision")
+            return 0 if entry is None else int(entry.value)
+
     def get(self, edit_id: int) -> EditRecord:
         with self._read.begin() as s:
             return edit_record(load_edit(s, edit_id))

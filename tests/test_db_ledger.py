@@ -45,8 +45,9 @@ PROBES = [
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    with Ledger.open(tmp_path / "edits.db", FP) as led:
+def ledger(ledger_url: str) -> Iterator[Ledger]:
+    """A new ledger on SQLite and on PostgreSQL (tests/conftest.py)."""
+    with Ledger.open(ledger_url, FP) as led:
         yield led
 
 

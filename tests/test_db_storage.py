@@ -17,8 +17,9 @@ from tests.test_db_ledger import FP, OTHER_FP, apply_new, make_payload
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    with Ledger.open(tmp_path / "edits.db", FP) as led:
+def ledger(ledger_url: str) -> Iterator[Ledger]:
+    """A new ledger on SQLite and on PostgreSQL (tests/conftest.py)."""
+    with Ledger.open(ledger_url, FP) as led:
         yield led
 
 
@@ -26,8 +27,8 @@ def test_schema_version_mismatch_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "edits.db"
     Ledger.open(path, FP).close()
     with sqlite3.connect(path) as con:
-        con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    with pytest.raises(LedgerError, match=r"schema version '2'.*reads version 1.*--db"):
+        con.execute("UPDATE alembic_version SET version_num = '9999'")
+    with pytest.raises(LedgerError, match=r"revision '9999'.*newer version.*--db"):
         Ledger.open(path, FP)
 
 
@@ -67,9 +68,10 @@ def test_file_is_owner_only_and_wal(tmp_path: Path) -> None:
 
 
 def test_foreign_keys_are_enforced(ledger: Ledger) -> None:
-    with ledger._engine.begin() as conn:
-        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
-        assert conn.execute(text("PRAGMA busy_timeout")).scalar() >= 5000
+    if ledger.url.get_backend_name() == "sqlite":  # PostgreSQL always enforces them
+        with ledger._engine.begin() as conn:
+            assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+            assert conn.execute(text("PRAGMA busy_timeout")).scalar() >= 5000
     with pytest.raises(IntegrityError), ledger._engine.begin() as conn:
         conn.execute(text("INSERT INTO events (edit_id, at, kind) VALUES (42, '2026-01-01', 'applied')"))
 
@@ -90,8 +92,8 @@ def test_integrity_check_finds_tampering(tmp_path: Path) -> None:
     assert "refers to missing edit #77" in problems
 
 
-def test_concurrent_writers_keep_positions_dense(tmp_path: Path) -> None:
-    path = tmp_path / "edits.db"
+def test_concurrent_writers_keep_positions_dense(ledger_url: str) -> None:
+    path = ledger_url
     Ledger.open(path, FP).close()
 
     def writer(offset: int) -> None:
