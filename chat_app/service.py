@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chat_app.locks import RWLock
+from chat_app.sync import LedgerSync
 from chat_app.probes import REPETITION_PENALTY, TopToken, complete, holds, stream_chat, top_next
 from db import EditRecord, EventRecord, Ledger, LedgerError
 from editing import EditRequest, RankOneEdit, RomeEditor
@@ -73,13 +74,14 @@ class VerifyItem:
         return all(p["holds"] for p in self.probes)
 
 
-class EditService:
+class EditService(LedgerSync):
     def __init__(self, editor: RomeEditor, ledger: Ledger, *, actor: str = "app", read_only: bool = False) -> None:
         self.editor, self.ledger = editor, ledger
         self.actor, self.read_only = actor, read_only
         self.weights = RWLock()
         self._edit_mutex = threading.Lock()
         self._edits: dict[int, RankOneEdit] = {}  # ledger id -> applied edit object
+        self.synced_at: float | None = None  # time.time() the weights were last checked against the ledger
         # ROME_CHAT_MIN_TARGET_PROB: tiny test models, which cannot become confident, run the app with 0
         self.min_target_prob = float(os.environ.get("ROME_CHAT_MIN_TARGET_PROB", MIN_TARGET_PROB))
 
@@ -195,6 +197,7 @@ class EditService:
                 meta, factors = edit.to_payload()
                 self.ledger.record_refused(meta, reason, factors, note=note, author=actor, answer_before=before[0][2])
                 raise ValueError(f"edit refused: {reason}")
+            self._sync_locked()  # another instance's edits first: ours supersedes what it can see
             old = self.conflicts(request)
             meta, factors = edit.to_payload()
             edit_id = self.ledger.record_pending(meta, factors, note=note, author=actor, answer_before=before[0][2])
@@ -230,6 +233,7 @@ class EditService:
         """Remove an applied edit, in any order (its parameter is rebuilt from the baseline)."""
         self._writable()
         with self._edit_mutex:
+            self._sync_locked()  # the edit may have been applied, or reverted, elsewhere
             record = self.ledger.get(edit_id)
             if record.status != "applied" or edit_id not in self._edits:
                 raise ValueError(f"edit #{edit_id} is {record.status}, not applied; only applied edits can be reverted")
@@ -247,6 +251,7 @@ class EditService:
         """Put a reverted or superseded edit back, at the end of the sequence (no recomputation)."""
         self._writable()
         with self._edit_mutex:
+            self._sync_locked()
             record = self.ledger.get(edit_id)
             if record.status not in ("reverted", "superseded"):
                 raise ValueError(f"edit #{edit_id} is {record.status}; only reverted or superseded edits can be re-applied")
@@ -274,6 +279,7 @@ class EditService:
         if not items:
             return []
         with self._edit_mutex:
+            self._sync_locked()
             for n, item in enumerate(items):
                 reason = self._misfit(item[-1]) or self._unsafe(item[-1], allow_outlier)
                 if reason:
@@ -332,11 +338,7 @@ class EditService:
                     self.ledger.mark_failed(failed_id, why[:500], actor=self.actor)
             except (LedgerError, ValueError) as err:
                 log.error("could not mark edit #%d failed: %s", failed_id, err)
-        with self.weights.write():
-            records = self.ledger.applied()
-            edits = [RankOneEdit.from_payload(r.meta, r.factors or b"") for r in records]
-            self.editor.rebuild(edits)
-            self._edits = {r.id: e for r, e in zip(records, edits)}
+        self._sync_locked(rebuild=True)
 
     def _store_state_checksums(self) -> None:
         """After a rebuild, the checksum of each applied edit's parameter at its (new) position."""

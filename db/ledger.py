@@ -23,10 +23,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import READ_ONLY, create_ledger_engine, describe, to_url
-from db.queries import LedgerReads, load_edit
+from db.queries import LedgerReads, load_edit, normalise
 from db.records import check_hex64, validate_meta, validate_probes
 from db.schema import EVENT_KINDS, Edit, Event, LedgerError, MetaEntry, prepare_schema
-from db.sequence import leave_sequence, new_row, next_position, supersede_row
+from db.sequence import leave_sequence, lock_sequence, new_row, next_position, supersede_row
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,9 @@ class Ledger(LedgerReads):
         check_hex64(checksum_after, "checksum_after")
         clean_probes = None if probes is None else validate_probes(probes)
         with self._write.begin() as s:
+            lock_sequence(s)  # first: two instances correcting one fact meet here, one after the other
             row = load_edit(s, edit_id, "pending")
+            _refuse_unseen_conflicts(s, row, supersedes)
             for old_id in dict.fromkeys(supersedes):
                 supersede_row(s, load_edit(s, old_id, "applied"), edit_id, actor)
             end = next_position(s)
@@ -271,6 +273,24 @@ class Ledger(LedgerReads):
             s.add(event)
             s.flush()
             return event.id
+
+
+def _refuse_unseen_conflicts(s: Session, row: Edit, supersedes: Sequence[int]) -> None:
+    """Refuse to apply ``row`` beside an applied edit of the same fact that it does not supersede.
+
+    That edit was applied by another instance (or the CLI) after this one looked: the caller
+    rebuilds its weights from the ledger, where the other correction stands.
+    """
+    key = (normalise(row.subject), normalise(row.relation))
+    for other_id, subject, relation in s.execute(
+        select(Edit.id, Edit.subject, Edit.relation).where(Edit.status == "applied")
+    ):
+        if other_id not in supersedes and (normalise(subject), normalise(relation)) == key:
+            raise LedgerError(
+                f"edit #{row.id} was not applied: edit #{other_id} corrected the same fact ({subject!r}) "
+                "meanwhile, from another instance or the command line. Reload to see it, and correct it "
+                "again if needed."
+            )
 
 
 def _require_text(value: object, field: str) -> None:

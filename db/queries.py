@@ -57,6 +57,11 @@ class LedgerReads:
         """Applied edits in the order they sit in the weights (by position)."""
         return self._list(select(Edit).where(Edit.status == "applied").order_by(Edit.position))
 
+    def applied_ids(self) -> list[int]:
+        """Ids of the applied edits in sequence order (a cheap check before loading their factors)."""
+        with self._read.begin() as s:
+            return list(s.scalars(select(Edit.id).where(Edit.status == "applied").order_by(Edit.position)))
+
     def pending(self) -> list[EditRecord]:
         """Edits recorded but not yet resolved (after a crash: to repair at start-up)."""
         return self._list(select(Edit).where(Edit.status == "pending").order_by(Edit.id))
