@@ -61,6 +61,12 @@ def user_errors() -> Iterator[None]:
         raise gr.Error(str(err), print_exception=False) from err
 
 
+def signed_in(request: gr.Request | None) -> str | None:
+    """The signed-in user's name (with --auth), recorded as the author; None: the service's own actor."""
+    name = getattr(request, "username", None)
+    return name if isinstance(name, str) and name.strip() else None
+
+
 def lines(text: str | None, what: str) -> list[str]:
     """One prompt per non-empty line; at most ``MAX_PROBES``."""
     found = [line.strip() for line in (text or "").splitlines() if line.strip()]
@@ -115,15 +121,18 @@ class Handlers:
         text += " · the original model is one switch away in the Chat tab" if n else " · the model is unedited"
         if self.service.read_only:
             text += " · **read-only**: editing is disabled"
+        if self.service.synced_at is not None:
+            synced = datetime.fromtimestamp(self.service.synced_at, timezone.utc).strftime("%H:%M:%S")
+            text += f" · weights synced with the ledger at {synced} UTC"
         return text
 
     def refresh(self, text: str | None = None, status: str | None = None) -> tuple[str, pd.DataFrame]:
         """Banner and history table, after any change."""
         return self.banner(), self.history(text, status)
 
-    def signature(self) -> tuple[int, int]:
+    def signature(self) -> tuple[int, int, float | None]:
         """Changes whenever any session changes the ledger (for the periodic refresh)."""
-        return self.service.active_count, len(self.service.events())
+        return self.service.active_count, len(self.service.events()), self.service.synced_at
 
     # ----- the form ---------------------------------------------------------------------
     def request(self, subject: str, relation: str, target: str, layer: Any = None) -> EditRequest:
@@ -162,7 +171,9 @@ class Handlers:
         self, subject: str, relation: str, target: str, paraphrases: str, neighbours: str,
         layer: Any, steps: Any, lr: Any, kl_factor: Any, note: str | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
+        request: gr.Request | None = None,  # Gradio injects it (by the annotation); not part of the API
     ) -> tuple[str, pd.DataFrame]:  # fmt: skip
+        author = signed_in(request)
         request = self.request(subject, relation, target, layer)
         overrides = self.overrides(steps, lr, kl_factor)
         checks = (lines(paraphrases, "paraphrase"), lines(neighbours, "neighbour"))
@@ -171,7 +182,7 @@ class Handlers:
         with user_errors():
             result = self.service.apply(
                 request, paraphrases=checks[0], neighbours=checks[1], note=(note or "").strip() or None,
-                progress=stage_progress(progress), **overrides,
+                author=author, progress=stage_progress(progress), **overrides,
             )  # fmt: skip
         held = sum(p.holds for p in result.probes)
         text = [f"**Edit #{result.edit_id} applied** at layer {result.record.layer}: "
@@ -205,17 +216,17 @@ class Handlers:
         edit_id = int(row[0])
         return edit_id, self.detail(edit_id)
 
-    def revert(self, edit_id: Any) -> tuple[str, str]:
+    def revert(self, edit_id: Any, request: gr.Request | None = None) -> tuple[str, str]:
         chosen = whole(edit_id, "edit id")
         with user_errors():
-            record = self.service.revert(chosen)
+            record = self.service.revert(chosen, actor=signed_in(request))
         text = f"Reverted edit #{record.id}: the model no longer holds {render.code(record.target)}."
         return text, self.detail(chosen)
 
-    def reapply(self, edit_id: Any) -> tuple[str, str]:
+    def reapply(self, edit_id: Any, request: gr.Request | None = None) -> tuple[str, str]:
         chosen = whole(edit_id, "edit id")
         with user_errors():
-            record = self.service.reapply(chosen)
+            record = self.service.reapply(chosen, actor=signed_in(request))
         return f"Re-applied edit #{record.id}.", self.detail(chosen)
 
     def verify(self) -> tuple[str, pd.DataFrame]:
@@ -239,13 +250,13 @@ class Handlers:
             count = export_file(self.service, path)
         return str(path), f"Exported {count} applied edit{'s' if count != 1 else ''}."
 
-    def import_(self, path: str | None) -> str:
+    def import_(self, path: str | None, request: gr.Request | None = None) -> str:
         if import_file is None:
             raise gr.Error("import is not available in this version")
         if not path:
             raise gr.Error("choose an export file to import first")
         with user_errors():
-            report = import_file(self.service, path)
+            report = import_file(self.service, path, actor=signed_in(request))
         text = f"Imported {len(report.imported)} edit{'s' if len(report.imported) != 1 else ''}"
         if report.imported:
             text += " (" + ", ".join(f"#{i}" for i in report.imported) + ")"

@@ -16,8 +16,8 @@ import pandas as pd
 
 from db import EditRecord, EventRecord
 
-HISTORY_HEADERS = ["id", "time (UTC)", "subject", "relation", "old → new answer", "layer", "status"]
-HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "number", "str"]
+HISTORY_HEADERS = ["id", "time (UTC)", "subject", "relation", "old → new answer", "layer", "status", "author"]
+HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "number", "str", "markdown"]
 PROBE_HEADERS = ["check", "prompt", "expected", "before", "after", "holds"]
 PROBE_TYPES = ["str", "markdown", "markdown", "markdown", "markdown", "str"]
 VERIFY_HEADERS = ["id", "fact", "new object", "probes holding", "holds"]
@@ -69,7 +69,7 @@ def answer_change(record: EditRecord) -> str:
 def history_frame(records: Sequence[EditRecord]) -> pd.DataFrame:
     rows = [
         [r.id, when(r.created_at), esc(r.subject, CELL_CHARS), esc(r.relation, CELL_CHARS), answer_change(r),
-         r.layer, status_mark(r.status)]
+         r.layer, status_mark(r.status), esc(r.author or "", CELL_CHARS)]
         for r in records
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=HISTORY_HEADERS)
