@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import READ_ONLY, create_ledger_engine, describe, to_url
+from db.postgres import serialise_writers
 from db.queries import LedgerReads, load_edit, normalise
 from db.records import check_hex64, validate_meta, validate_probes
 from db.schema import EVENT_KINDS, Edit, Event, LedgerError, MetaEntry, prepare_schema
@@ -43,6 +44,7 @@ class Ledger(LedgerReads):
         self.url = url if isinstance(url, URL) else make_url(to_url(url))
         self.where = describe(self.url)
         self._engine = create_ledger_engine(self.url)
+        serialise_writers(self._engine)  # PostgreSQL: one writer at a time, as SQLite's BEGIN IMMEDIATE
         try:
             prepare_schema(self._engine, self.where)
         except SQLAlchemyError as err:

@@ -67,7 +67,10 @@ class LedgerReads:
         return self._list(select(Edit).where(Edit.status == "pending").order_by(Edit.id))
 
     def history(self, status: str | None = None, text: str | None = None) -> list[EditRecord]:
-        """All edits, newest first; optionally of one status and matching a case-insensitive text."""
+        """All edits, newest first; optionally of one status and matching a case-insensitive text.
+
+        The text is looked for in the subject, relation, target, note and author.
+        """
         query = select(Edit).order_by(Edit.id.desc())
         if status is not None:
             if status not in STATUSES:
@@ -78,7 +81,7 @@ class LedgerReads:
             needle = normalise(text)
             records = [
                 r for r in records
-                if any(needle in normalise(f or "") for f in (r.subject, r.relation, r.target, r.note))
+                if any(needle in normalise(f or "") for f in (r.subject, r.relation, r.target, r.note, r.author))
             ]
         return records
 
