@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
 import stat
 import threading
@@ -131,3 +132,31 @@ def test_any_sqlalchemy_url_and_plain_paths(tmp_path: Path) -> None:
         assert led.url.drivername == "sqlite" and led.url.database == str(tmp_path / "plain.db")
     with pytest.raises(LedgerError, match="Install its driver"):
         Ledger("nosuchdb://host/ledger")
+
+
+def test_concurrent_reverts_and_reapplies_keep_the_sequence_dense(ledger_url: str) -> None:
+    """Writers that reorder the sequence from several connections (instances) are serialised by the database."""
+    with Ledger.open(ledger_url, FP) as led:
+        ids = [apply_new(led, i) for i in range(12)]
+
+    def churn(seed: int) -> None:
+        rng = random.Random(seed)
+        with Ledger.open(ledger_url, FP) as led:
+            for _ in range(15):
+                edit_id = rng.choice(ids)
+                try:
+                    if led.get(edit_id).status == "applied":
+                        led.mark_reverted(edit_id)
+                    else:
+                        led.mark_reapplied(edit_id)
+                except LedgerError:  # another writer changed it first
+                    pass
+
+    threads = [threading.Thread(target=churn, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with Ledger.open(ledger_url, FP) as led:
+        assert led.integrity_check() == []
+        assert [r.position for r in led.applied()] == list(range(len(led.applied())))
