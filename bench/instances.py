@@ -90,7 +90,9 @@ def interleaved(a: EditService, b: EditService, c: EditService, ops: int, url: s
     c.sync()
     clean = fast_service(url)
     want = digest(clean.model)
-    lines = [f"{ops} operations in {seconds:.1f} s: {len(done)} succeeded, {len(errors)} refused (lost races)",
+    skipped = ops - len(done) - len(errors)
+    lines = [f"{ops} operations in {seconds:.1f} s: {len(done)} succeeded, {len(errors)} refused (lost races or "
+             f"bad random input), {skipped} reverts/re-applies skipped (nothing to pick)",
              f"A and B settled {settle if settle is None else round(settle, 3)} s after the last operation",
              f"weights equal a clean rebuild: A {digest(a.model) == want}, B {digest(b.model) == want}, "
              f"C {digest(c.model) == want}",
