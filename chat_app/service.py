@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chat_app.locks import RWLock
-from chat_app.sync import LedgerSync
 from chat_app.probes import REPETITION_PENALTY, TopToken, complete, holds, stream_chat, top_next
+from chat_app.sync import LedgerSync
 from db import EditRecord, EventRecord, Ledger, LedgerError
 from editing import EditRequest, RankOneEdit, RomeEditor
 from editing.arch import mlp_out_param_name

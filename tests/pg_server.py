@@ -8,6 +8,7 @@ fresh database from ``new_database()``. ``missing_reason()`` says why no server 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import logging
 import os
 import pwd
@@ -46,9 +47,7 @@ def _run_as() -> list[str]:
 
 def missing_reason() -> str | None:
     """Why the PostgreSQL tests cannot run here, or None when they can."""
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("psycopg") is None:
         return "psycopg is not installed (pip install -r requirements.txt)"
     if bin_dir() is None:
         return "PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql"
