@@ -53,7 +53,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def _row(r: Any) -> dict[str, Any]:
     return {"id": r.id, "status": r.status, "subject": r.subject, "relation": r.relation, "target": r.target,
             "layer": r.layer, "answer_before": r.answer_before, "answer_after": r.answer_after,
-            "created_at": r.created_at.isoformat(), "superseded_by": r.superseded_by}  # fmt: skip
+            "created_at": r.created_at.isoformat(), "superseded_by": r.superseded_by, "author": r.author}  # fmt: skip
 
 
 def _printable(text: str) -> str:
@@ -89,7 +89,8 @@ def run_command(args: argparse.Namespace, service: EditService) -> int:
         _emit(args, data, f"applied edit #{result.edit_id}{sup}\n{text}")
     elif cmd == "history":
         rows = [_row(r) for r in service.history(status=args.status)]
-        _emit(args, rows, _table(rows, ["id", "status", "subject", "relation", "target", "layer", "answer_before"]))
+        columns = ["id", "status", "subject", "relation", "target", "layer", "answer_before", "author"]
+        _emit(args, rows, _table(rows, columns))
     elif cmd in ("revert", "reapply"):
         record = (service.revert if cmd == "revert" else service.reapply)(args.id)
         _emit(args, _row(record), f"edit #{record.id} is now {record.status}")
