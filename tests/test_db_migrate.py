@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,24 @@ def test_unknown_v1_versions_are_refused(tmp_path: Path) -> None:
         Ledger.open(path, FP)
     with sqlite3.connect(path) as con:  # refused before anything was written
         assert con.execute("SELECT name FROM sqlite_master WHERE name = 'alembic_version'").fetchone() is None
+
+
+def test_instances_opening_a_new_ledger_together_create_it_once(ledger_url: str) -> None:
+    opened: list[object] = []
+
+    def open_one() -> None:
+        try:
+            Ledger.open(ledger_url, FP).close()
+            opened.append(True)
+        except Exception as err:  # noqa: BLE001 - reported by the assert below
+            opened.append(err)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert opened == [True] * 4
+    with Ledger.open(ledger_url, FP) as led, led._engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+        assert conn.execute(text("SELECT count(*) FROM meta WHERE key = 'revision'")).scalar() == 1
