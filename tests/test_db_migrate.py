@@ -116,3 +116,15 @@ def test_instances_opening_a_new_ledger_together_create_it_once(ledger_url: str)
     with Ledger.open(ledger_url, FP) as led, led._engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
         assert conn.execute(text("SELECT count(*) FROM meta WHERE key = 'revision'")).scalar() == 1
+
+
+def test_the_models_match_the_migrations(pg_server) -> None:  # type: ignore[no-untyped-def]
+    """A column added to db/schema.py without a migration (or the reverse) shows up here."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from db.schema import Base
+
+    with Ledger.open(pg_server.new_database(), FP) as led, led._engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    assert diff == []
