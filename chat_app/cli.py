@@ -72,7 +72,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def _row(r: Any) -> dict[str, Any]:
     return {"id": r.id, "status": r.status, "subject": r.subject, "relation": r.relation, "target": r.target,
             "layer": r.layer, "answer_before": r.answer_before, "answer_after": r.answer_after,
-            "created_at": r.created_at.isoformat(), "superseded_by": r.superseded_by,
+            "created_at": r.created_at.isoformat(), "superseded_by": r.superseded_by, "author": r.author,
             "holding": None if r.status != "applied" else not r.not_holding}  # fmt: skip
 
 
@@ -105,7 +105,8 @@ def run_read_command(args: argparse.Namespace, reader: LedgerReader) -> int:
     if args.command == "history":
         rows = [_row(r) for r in reader.history(status=args.status)]
         shown = [_shown_status(r) for r in rows]
-        _emit(args, rows, _table(shown, ["id", "status", "subject", "relation", "target", "layer", "answer_before"]))
+        columns = ["id", "status", "subject", "relation", "target", "layer", "answer_before", "author"]
+        _emit(args, rows, _table(shown, columns))
     else:
         count = reader.export_edits(args.path, args.ids)
         print(f"exported {count} edits to {args.path}")

@@ -20,6 +20,7 @@ from typing import Any
 from chat_app.completions import CompletionCache, complete_batch, weights_state
 from chat_app.locks import RWLock
 from chat_app.probes import REPETITION_PENALTY, TopToken, complete, holds, stream_chat, top_next
+from chat_app.sync import LedgerSync
 from db import EditRecord, EventRecord, Ledger, LedgerError
 from editing import EditRequest, RankOneEdit, RomeEditor
 from editing.arch import mlp_out_param_name
@@ -74,7 +75,7 @@ class VerifyItem:
         return all(p["holds"] for p in self.probes)
 
 
-class EditService:
+class EditService(LedgerSync):
     def __init__(self, editor: RomeEditor, ledger: Ledger, *, actor: str = "app", read_only: bool = False,
                  source: str | None = None) -> None:  # fmt: skip
         self.editor, self.ledger = editor, ledger
@@ -83,6 +84,7 @@ class EditService:
         self.weights = RWLock()
         self._edit_mutex = threading.Lock()
         self._edits: dict[int, RankOneEdit] = {}  # ledger id -> applied edit object
+        self.synced_at: float | None = None  # time.time() the weights were last checked against the ledger
         # ROME_CHAT_MIN_TARGET_PROB: tiny test models, which cannot become confident, run the app with 0;
         # 0 also lifts the check that the edited prompt's answer names the target, which they cannot meet
         self.min_target_prob = float(os.environ.get("ROME_CHAT_MIN_TARGET_PROB", MIN_TARGET_PROB))
@@ -203,6 +205,7 @@ class EditService:
             raise ValueError(f"notes are limited to {MAX_NOTE_CHARS} characters; this one has {len(note)}")
         actor = author or self.actor
         with self._edit_mutex:
+            self._sync_locked()  # another instance's edits first: ours supersedes what it can see
             old = self.conflicts(request)
             old_edits = [self._edits[r.id] for r in old]
             with self.weights.read(), self.editor.view(without=old_edits):
@@ -220,6 +223,9 @@ class EditService:
             if not reason and not probes[0].holds and not force and self.min_target_prob > 0:
                 reason = (f"the edited prompt still answers {probes[0].after!r}, which does not name {request.target!r}; "
                           "try more steps, a higher learning rate or another layer, or apply anyway (force)")  # fmt: skip
+            if not reason and self._sync_locked():  # another instance changed the ledger meanwhile: see its edits
+                old = self.conflicts(request)
+                old_edits = [self._edits[r.id] for r in old]
             meta, factors = edit.to_payload()
             if reason:
                 self.ledger.record_refused(meta, reason, factors, probes=[p.to_dict() for p in probes] or None,
@@ -274,6 +280,7 @@ class EditService:
         """Remove an applied edit, in any order (its parameter is rebuilt from the baseline)."""
         self._writable()
         with self._edit_mutex:
+            self._sync_locked()  # the edit may have been applied, or reverted, elsewhere
             record = self.ledger.get(edit_id)
             if record.status != "applied" or edit_id not in self._edits:
                 raise ValueError(f"edit #{edit_id} is {record.status}, not applied; only applied edits can be reverted")
@@ -291,6 +298,7 @@ class EditService:
         """Put a reverted or superseded edit back, at the end of the sequence (no recomputation)."""
         self._writable()
         with self._edit_mutex:
+            self._sync_locked()
             record = self.ledger.get(edit_id)
             if record.status not in ("reverted", "superseded"):
                 raise ValueError(f"edit #{edit_id} is {record.status}; only reverted or superseded edits can be re-applied")
@@ -318,6 +326,7 @@ class EditService:
         if not items:
             return []
         with self._edit_mutex:
+            self._sync_locked()
             for n, item in enumerate(items):
                 reason = self._misfit(item[-1]) or self._unsafe(item[-1], allow_outlier)
                 if reason:
@@ -378,16 +387,12 @@ class EditService:
                     self.ledger.mark_failed(failed_id, why[:500], actor=self.actor)
             except (LedgerError, ValueError) as err:
                 log.error("could not mark edit #%d failed: %s", failed_id, err)
-        with self.weights.write():
-            records = self.ledger.applied()
-            edits = [RankOneEdit.from_payload(r.meta, r.factors or b"") for r in records]
-            self.editor.rebuild(edits)
-            self._edits = {r.id: e for r, e in zip(records, edits)}
-            if any(r.state_checksum is None for r in records):
-                try:
-                    self._store_state_checksums()
-                except (LedgerError, ValueError) as err:
-                    log.error("could not store the rebuilt state checksums: %s", err)
+        self._sync_locked(rebuild=True)
+        if any(r.state_checksum is None for r in self.ledger.applied()):  # e.g. a revert that stopped half-way
+            try:
+                self._store_state_checksums()
+            except (LedgerError, ValueError) as err:
+                log.error("could not store the rebuilt state checksums: %s", err)
 
     def _store_state_checksums(self, names: set[str] | None = None) -> None:
         """After a rebuild, the checksum of each applied edit's parameter at its (new) position.

@@ -56,6 +56,7 @@ def replay(service: EditService, progress: Callable[[int, int], None] | None = N
                 mismatches.append(record.id)
             if progress is not None:
                 progress(i + 1, len(records))
+    service.synced_at = time.time()
     if mismatches:
         log.warning("replay: %d edits reproduced another parameter checksum than stored: %s", len(mismatches), mismatches)
     if missing:

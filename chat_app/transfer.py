@@ -37,6 +37,6 @@ def import_file(service: EditService, path: str | Path, actor: str | None = None
     wanted = [e for e in bundle.edits if e.status == "applied"]
     edits = [(e, RankOneEdit.from_payload(e.meta, e.factors)) for e in wanted]
     fresh = [(e, edit) for e, edit in edits if not service.ledger.is_duplicate(e.meta, e.factors_sha256)]
-    imported = service.import_edits([(e.meta, e.factors, list(e.probes), e.note, e.author, e.answer_before,
+    imported = service.import_edits([(e.meta, e.factors, list(e.probes), e.note, e.author or actor, e.answer_before,
                                       e.answer_after, edit) for e, edit in fresh], actor=actor)  # fmt: skip
     return ImportReport(tuple(imported), len(edits) - len(fresh), len(bundle.edits) - len(wanted))

@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 
 from chat_app import ui_chat, ui_inputs, ui_layout, ui_locate
+from chat_app.follow import Follower
 from chat_app.probes import REPETITION_PENALTY
 from chat_app.service import EditService
 from chat_app.ui_handlers import Handlers
@@ -193,6 +194,14 @@ def launch(
     demo = build_ui(service, warmup)
     demo.queue(default_concurrency_limit=CONCURRENCY)
     log.info("serving on http://%s:%d%s", host, port, " (password protected)" if auth else "")
+    follower = Follower(service).start()  # other instances and the CLI may change the ledger
+    try:
+        _serve(demo, host, port, auth, share)
+    finally:
+        follower.stop()
+
+
+def _serve(demo: gr.Blocks, host: str, port: int, auth: list[tuple[str, str]] | None, share: bool) -> None:
     demo.launch(
         server_name=host, server_port=port, auth=auth, share=share, theme=theme(), css=CSS,
         auth_message="rome-chat: sign in to chat and edit" if auth else None, max_file_size="256mb",

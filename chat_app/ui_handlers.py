@@ -68,6 +68,12 @@ def user_errors() -> Iterator[None]:
         raise refuse(str(err)) from err
 
 
+def signed_in(request: gr.Request | None) -> str | None:
+    """The signed-in user's name (with --auth), recorded as the author; None: the service's own actor."""
+    name = getattr(request, "username", None)
+    return name if isinstance(name, str) and name.strip() else None
+
+
 def lines(text: str | None, what: str) -> list[str]:
     """One prompt per non-empty line; at most ``MAX_PROBES``."""
     found = [line.strip() for line in (text or "").splitlines() if line.strip()]
@@ -150,6 +156,9 @@ class Handlers:
             text += " · **read-only**: editing is disabled"
         elif self.warmup is not None:
             text += f" · {self.warmup.banner()}"
+        if self.service.synced_at is not None:
+            synced = datetime.fromtimestamp(self.service.synced_at, timezone.utc).strftime("%H:%M:%S")
+            text += f" · weights synced with the ledger at {synced} UTC"
         return text
 
     def statistics_ready(self) -> None:
@@ -170,9 +179,10 @@ class Handlers:
         """Banner, history table and the Chat tab's title, after any change."""
         return (*self.refresh(text, status), gr.Chatbot(label=self.chat_label()))
 
-    def signature(self) -> tuple[int, int, str]:
-        """Changes whenever any session changes the ledger, or the background statistics progress."""
-        return self.service.active_count, len(self.service.events()), self.warmup.banner() if self.warmup else ""
+    def signature(self) -> tuple[int, int, str, float | None]:
+        """Changes whenever any session or instance changes the ledger, or the background statistics progress."""
+        return (self.service.active_count, len(self.service.events()), self.warmup.banner() if self.warmup else "",
+                self.service.synced_at)  # fmt: skip
 
     # ----- the form ---------------------------------------------------------------------
     def request(self, subject: str, relation: str, target: str, layer: Any = None) -> EditRequest:
@@ -212,8 +222,10 @@ class Handlers:
         layer: Any, steps: Any, lr: Any, kl_factor: Any, note: str | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
         force: bool = False,
+        request: gr.Request | None = None,  # Gradio injects it (by the annotation); not part of the API
     ) -> tuple[str, pd.DataFrame]:  # fmt: skip
         """Apply the form's edit; ``force``: even if its own prompt does not hold after it ("Apply anyway")."""
+        author = signed_in(request)
         request = self.request(subject, relation, target, layer)
         overrides = self.overrides(steps, lr, kl_factor)
         checks = (lines(paraphrases, "paraphrase"), lines(neighbours, "neighbour"))
@@ -225,7 +237,7 @@ class Handlers:
         with user_errors():
             result = self.service.apply(
                 request, paraphrases=checks[0], neighbours=checks[1], note=(note or "").strip() or None,
-                progress=report, force=force, **overrides,
+                author=author, progress=report, force=force, **overrides,
             )  # fmt: skip
         applied = "applied, not holding" if result.record.not_holding else "applied"
         text = [f"**Edit #{result.edit_id} {applied}** at layer {result.record.layer}: "
@@ -242,10 +254,11 @@ class Handlers:
         self, subject: str, relation: str, target: str, paraphrases: str, neighbours: str,
         layer: Any, steps: Any, lr: Any, kl_factor: Any, note: str | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
+        request: gr.Request | None = None,  # Gradio injects it (by the annotation); not part of the API
     ) -> tuple[str, pd.DataFrame]:  # fmt: skip
         """"Apply anyway": the form's edit even if its own prompt does not hold after it."""
         return self.apply(subject, relation, target, paraphrases, neighbours, layer, steps, lr, kl_factor, note,
-                          progress, force=True)  # fmt: skip
+                          progress, force=True, request=request)  # fmt: skip
 
     # ----- history ----------------------------------------------------------------------
     def history(self, text: str | None = None, status: str | None = None) -> pd.DataFrame:
@@ -268,18 +281,18 @@ class Handlers:
         edit_id = int(row[0])
         return edit_id, self.detail(edit_id)
 
-    def revert(self, edit_id: Any) -> tuple[str, str]:
+    def revert(self, edit_id: Any, request: gr.Request | None = None) -> tuple[str, str]:
         chosen = whole(edit_id, "edit id")
         with user_errors():
-            record = self.service.revert(chosen)
+            record = self.service.revert(chosen, actor=signed_in(request))
         text = f"Reverted edit #{record.id}: the model no longer holds {render.code(record.target)}."
         return text, self.detail(chosen)
 
-    def reapply(self, edit_id: Any) -> tuple[str, str]:
+    def reapply(self, edit_id: Any, request: gr.Request | None = None) -> tuple[str, str]:
         chosen = whole(edit_id, "edit id")
         self.statistics_ready()
         with user_errors():
-            record = self.service.reapply(chosen)
+            record = self.service.reapply(chosen, actor=signed_in(request))
         return f"Re-applied edit #{record.id}.", self.detail(chosen)
 
     def verify(self) -> tuple[str, pd.DataFrame]:
@@ -303,14 +316,14 @@ class Handlers:
             count = export_file(self.service, path)
         return str(path), f"Exported {count} applied edit{'s' if count != 1 else ''}."
 
-    def import_(self, path: str | None) -> str:
+    def import_(self, path: str | None, request: gr.Request | None = None) -> str:
         if import_file is None:
             raise refuse("import is not available in this version")
         if not path:
             raise refuse("choose an export file to import first")
         self.statistics_ready()
         with user_errors():
-            report = import_file(self.service, path)
+            report = import_file(self.service, path, actor=signed_in(request))
         text = f"Imported {len(report.imported)} edit{'s' if len(report.imported) != 1 else ''}"
         if report.imported:
             text += " (" + ", ".join(f"#{i}" for i in report.imported) + ")"

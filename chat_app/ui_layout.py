@@ -90,7 +90,7 @@ def form_tab(service: EditService) -> SimpleNamespace:
 def history_tab(service: EditService) -> SimpleNamespace:
     h, writable = SimpleNamespace(), not service.read_only
     with gr.Row():
-        h.text = inputs.Textbox(label="Filter", placeholder="subject, relation, object or note", scale=4)
+        h.text = inputs.Textbox(label="Filter", placeholder="subject, relation, object, note or author", scale=4)
         h.status = inputs.Dropdown(STATUS_CHOICES, value="all", label="Status", scale=1)
         h.refresh = gr.Button("Refresh", scale=0)
     h.table = gr.Dataframe(headers=render.HISTORY_HEADERS, datatype=render.HISTORY_TYPES, interactive=False,

@@ -16,9 +16,10 @@ import pandas as pd
 
 from db import EditRecord, EventRecord
 
-HISTORY_HEADERS = ["id", "time (UTC)", "subject", "relation", "requested", "old → new answer", "layer", "status"]
-HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "markdown", "number", "str"]
-HISTORY_WIDTHS = ["44px", "150px", "16%", "20%", "11%", "20%", "58px", "116px"]  # no header wraps, status unclipped
+HISTORY_HEADERS = ["id", "time (UTC)", "subject", "relation", "requested", "old → new answer", "layer", "status",
+                   "author"]
+HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "markdown", "number", "str", "markdown"]
+HISTORY_WIDTHS = ["44px", "150px", "14%", "18%", "10%", "18%", "58px", "116px", "9%"]  # no header wraps, status unclipped
 PROBE_HEADERS = ["check", "prompt", "expected", "before", "after", "holds"]
 PROBE_TYPES = ["str", "markdown", "markdown", "markdown", "markdown", "str"]
 VERIFY_HEADERS = ["id", "fact", "new object", "probes holding", "holds"]
@@ -86,7 +87,7 @@ def answer_change(record: EditRecord) -> str:
 def history_frame(records: Sequence[EditRecord]) -> pd.DataFrame:
     rows = [
         [r.id, when(r.created_at), esc(r.subject, CELL_CHARS), esc(r.relation, CELL_CHARS), esc(r.target, CELL_CHARS),
-         answer_change(r), r.layer, record_status(r)]
+         answer_change(r), r.layer, record_status(r), esc(r.author or "", CELL_CHARS)]
         for r in records
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=HISTORY_HEADERS)

@@ -24,10 +24,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import durability
 from db.engine import READ_ONLY, create_ledger_engine, describe, sqlite_file, to_url
-from db.queries import LedgerReads, load_edit
-from db.records import check_hex64, dumps, validate_meta, validate_probes
+from db.postgres import serialise_writers
+from db.queries import LedgerReads, load_edit, normalise
+from db.records import check_hex64, validate_meta, validate_probes
 from db.schema import EVENT_KINDS, Edit, Event, LedgerError, MetaEntry, prepare_schema
-from db.sequence import leave_sequence, new_row, next_position, supersede_row
+from db.sequence import leave_sequence, lock_sequence, new_row, next_position, supersede_row
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Ledger(LedgerReads):
         durability.refuse_missing_tables(None, self.where, self.file, new)
         self._engine = create_ledger_engine(self.url)
         self._closed = False
+        serialise_writers(self._engine)  # PostgreSQL: one writer at a time, as SQLite's BEGIN IMMEDIATE
         try:
             durability.refuse_missing_tables(self._engine, self.where, self.file, new)
             prepare_schema(self._engine, self.where)
@@ -187,7 +189,9 @@ class Ledger(LedgerReads):
         check_hex64(checksum_after, "checksum_after")
         clean_probes = None if probes is None else validate_probes(probes)
         with self._write.begin() as s:
+            lock_sequence(s)  # first: two instances correcting one fact meet here, one after the other
             row = load_edit(s, edit_id, "pending")
+            _refuse_unseen_conflicts(s, row, supersedes)
             for old_id in dict.fromkeys(supersedes):
                 supersede_row(s, load_edit(s, old_id, "applied"), edit_id, actor)
             end = next_position(s)
@@ -200,7 +204,7 @@ class Ledger(LedgerReads):
             if answer_after is not None:
                 row.answer_after = answer_after
             if clean_probes is not None:
-                row.probes_json = dumps(clean_probes)
+                row.probes_json = clean_probes
             detail = f"position {end}"
             if checksum_after != row.checksum_after:
                 logger.warning("edit #%d: parameter checksum after applying differs from the computed one", edit_id)
@@ -314,6 +318,24 @@ class Ledger(LedgerReads):
             s.add(event)
             s.flush()
             return event.id
+
+
+def _refuse_unseen_conflicts(s: Session, row: Edit, supersedes: Sequence[int]) -> None:
+    """Refuse to apply ``row`` beside an applied edit of the same fact that it does not supersede.
+
+    That edit was applied by another instance (or the CLI) after this one looked: the caller
+    rebuilds its weights from the ledger, where the other correction stands.
+    """
+    key = (normalise(row.subject), normalise(row.relation))
+    for other_id, subject, relation in s.execute(
+        select(Edit.id, Edit.subject, Edit.relation).where(Edit.status == "applied")
+    ):
+        if other_id not in supersedes and (normalise(subject), normalise(relation)) == key:
+            raise LedgerError(
+                f"edit #{row.id} was not applied: edit #{other_id} corrected the same fact ({subject!r}) "
+                "meanwhile, from another instance or the command line. Reload to see it, and correct it "
+                "again if needed."
+            )
 
 
 def _require_text(value: object, field: str) -> None:

@@ -43,6 +43,12 @@ class LedgerReads:
             entry = s.get(MetaEntry, "model_fingerprint")
             return None if entry is None else entry.value
 
+    def revision(self) -> int:
+        """A counter every write transaction bumps (database triggers): a changed value means the ledger changed."""
+        with self._read.begin() as s:
+            entry = s.get(MetaEntry, "revision")
+            return 0 if entry is None else int(entry.value)
+
     def get(self, edit_id: int) -> EditRecord:
         with self._read.begin() as s:
             return edit_record(load_edit(s, edit_id))
@@ -51,12 +57,20 @@ class LedgerReads:
         """Applied edits in the order they sit in the weights (by position)."""
         return self._list(select(Edit).where(Edit.status == "applied").order_by(Edit.position))
 
+    def applied_ids(self) -> list[int]:
+        """Ids of the applied edits in sequence order (a cheap check before loading their factors)."""
+        with self._read.begin() as s:
+            return list(s.scalars(select(Edit.id).where(Edit.status == "applied").order_by(Edit.position)))
+
     def pending(self) -> list[EditRecord]:
         """Edits recorded but not yet resolved (after a crash: to repair at start-up)."""
         return self._list(select(Edit).where(Edit.status == "pending").order_by(Edit.id))
 
     def history(self, status: str | None = None, text: str | None = None) -> list[EditRecord]:
-        """All edits, newest first; optionally of one status and matching a case-insensitive text."""
+        """All edits, newest first; optionally of one status and matching a case-insensitive text.
+
+        The text is looked for in the subject, relation, target, note and author.
+        """
         query = select(Edit).order_by(Edit.id.desc())
         if status is not None:
             if status not in STATUSES:
@@ -67,7 +81,7 @@ class LedgerReads:
             needle = normalise(text)
             records = [
                 r for r in records
-                if any(needle in normalise(f or "") for f in (r.subject, r.relation, r.target, r.note))
+                if any(needle in normalise(f or "") for f in (r.subject, r.relation, r.target, r.note, r.author))
             ]
         return records
 

@@ -94,10 +94,10 @@ def edit_record(row: Edit) -> EditRecord:
         relation=row.relation, target=row.target, answer_before=row.answer_before,
         answer_after=row.answer_after, layer=row.layer, param_name=row.param_name,
         factors=None if row.factors is None else bytes(row.factors),
-        factors_sha256=row.factors_sha256, meta=json.loads(row.meta_json),
-        hparams=json.loads(row.hparams_json), fingerprint=row.fingerprint,
+        factors_sha256=row.factors_sha256, meta=row.meta_json,
+        hparams=row.hparams_json, fingerprint=row.fingerprint,
         checksum_before=row.checksum_before, checksum_after=row.checksum_after,
-        state_checksum=row.state_checksum, probes=tuple(json.loads(row.probes_json)),
+        state_checksum=row.state_checksum, probes=tuple(row.probes_json),
         superseded_by=row.superseded_by, position=row.position, note=row.note,
         author=row.author, refusal_reason=row.refusal_reason,
     )

@@ -7,8 +7,10 @@ The ledger stores bytes and JSON only; it knows nothing of tensors.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
     CheckConstraint,
     DateTime,
     Engine,
@@ -17,19 +19,23 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
-    inspect,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # meta.schema_version; the schema itself is Alembic's (db/migrations)
 
 STATUSES = ("pending", "applied", "reverted", "superseded", "refused", "failed")
 EVENT_KINDS = (
     "applied", "reverted", "reapplied", "superseded", "replayed",
     "imported", "refused", "failed", "repaired",
 )
+
+
+# JSON columns: JSONB on PostgreSQL, JSON text elsewhere. Values are dicts and lists, never text.
+JSONValue = JSON().with_variant(JSONB(), "postgresql")
 
 
 class LedgerError(ValueError):
@@ -84,14 +90,14 @@ class Edit(Base):
     # A refused edit may have been refused before its factors existed: factors are then NULL.
     factors: Mapped[bytes | None] = mapped_column(LargeBinary)
     factors_sha256: Mapped[str | None] = mapped_column(String(64))
-    meta_json: Mapped[str] = mapped_column(Text)  # the whole payload meta, hparams included
-    hparams_json: Mapped[str] = mapped_column(Text)
+    meta_json: Mapped[Any] = mapped_column(JSONValue)  # the whole payload meta, hparams included
+    hparams_json: Mapped[Any] = mapped_column(JSONValue)
     fingerprint: Mapped[str] = mapped_column(String(64))
     checksum_before: Mapped[str | None] = mapped_column(String(64))
     checksum_after: Mapped[str | None] = mapped_column(String(64))
     # Checksum of the parameter after this edit at its place in the applied sequence.
     state_checksum: Mapped[str | None] = mapped_column(String(64))
-    probes_json: Mapped[str] = mapped_column(Text, default="[]")
+    probes_json: Mapped[Any] = mapped_column(JSONValue, default=list)
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("edits.id"))
     position: Mapped[int | None] = mapped_column(Integer, index=True)
     note: Mapped[str | None] = mapped_column(Text)
@@ -121,42 +127,11 @@ class MetaEntry(Base):
 
 
 def prepare_schema(engine: Engine, where: str) -> None:
-    """Create the tables of a new ledger, or check that an existing one has our schema version.
+    """Create a new ledger, or bring an existing one to the current schema (Alembic: ``db.migrate``).
 
-    Raises ``LedgerError`` (before touching anything) for a ledger of another version or a
-    database that holds an ``edits`` table but no version.
+    Raises ``LedgerError`` (before touching anything) for a ledger of an unknown (newer) revision
+    or a database that holds an ``edits`` table but no version.
     """
-    tables = set(inspect(engine).get_table_names())
-    if "meta" in tables:
-        with Session(engine) as session:
-            stored = session.get(MetaEntry, "schema_version")
-        if stored is not None:
-            _check_version(stored.value, where)
-    elif "edits" in tables:
-        raise LedgerError(
-            f"{where} has an 'edits' table but no schema version: it was not made by this program. "
-            "Start with another --db path."
-        )
-    Base.metadata.create_all(engine)
-    with Session(engine) as session, session.begin():
-        if session.get(MetaEntry, "schema_version") is None:
-            session.add(MetaEntry(key="schema_version", value=str(SCHEMA_VERSION)))
+    from db.migrate import upgrade_schema  # db.migrate imports this module
 
-
-def _check_version(value: str, where: str) -> None:
-    try:
-        version = int(value)
-    except ValueError:
-        version = None
-    if version == SCHEMA_VERSION:
-        return
-    if version is not None and version > SCHEMA_VERSION:
-        hint = "It was written by a newer version of this program: upgrade the program"
-    else:
-        hint = "Open it with the program version that created it and export its edits"
-    raise LedgerError(
-        f"ledger {where} has schema version {value!r}, but this program reads version "
-        f"{SCHEMA_VERSION}. {hint}, or start a new ledger with another --db path "
-        "(edits can be moved with export and import)."
-    )
-
+    upgrade_schema(engine, where)

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.records import dumps, sha256_hex
+from db.records import sha256_hex
 from db.schema import Edit, Event, MetaEntry
 
 
@@ -65,7 +65,7 @@ def new_row(
         status=status, subject=meta["subject"], relation=meta["relation"], target=meta["target"],
         layer=meta["layer"], param_name=meta["param_name"], factors=factors,
         factors_sha256=None if factors is None else sha256_hex(factors),
-        meta_json=dumps(meta), hparams_json=dumps(meta["hparams"]), fingerprint=meta["fingerprint"],
+        meta_json=meta, hparams_json=meta["hparams"], fingerprint=meta["fingerprint"],
         checksum_before=meta.get("checksum_before"), checksum_after=meta.get("checksum_after"),
-        probes_json=dumps(probes), note=note, author=author,
+        probes_json=probes, note=note, author=author,
     )

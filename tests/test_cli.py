@@ -40,7 +40,8 @@ def test_cli_edit_history_revert_reapply_verify_export_import(run, tmp_path) -> 
     code, out, _ = run("history", "--json")
     rows = json.loads(out)
     assert code == 0 and [(r["id"], r["status"], r["target"]) for r in rows] == [(edit["id"], "applied", "rome")]
-    assert {"id", "status", "subject", "relation", "target", "layer"} <= rows[0].keys()
+    assert {"id", "status", "subject", "relation", "target", "layer", "author"} <= rows[0].keys()
+    assert rows[0]["author"] == "app"  # the CLI records its actor as the author
     code, out, _ = run("history")
     assert code == 0 and "The Eiffel tower" in out and "status" in out  # a readable table
     assert run("revert", str(edit["id"]))[0] == 0

@@ -45,8 +45,9 @@ PROBES = [
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    with Ledger.open(tmp_path / "edits.db", FP) as led:
+def ledger(ledger_url: str) -> Iterator[Ledger]:
+    """A new ledger on SQLite and on PostgreSQL (tests/conftest.py)."""
+    with Ledger.open(ledger_url, FP) as led:
         yield led
 
 
@@ -241,3 +242,18 @@ def test_record_imported_is_all_or_nothing(ledger: Ledger) -> None:
     assert ledger.get(ids[1]).state_checksum == hexsum("s1") and ledger.get(ids[0]).note == "from alice"
     assert [(e.kind, e.actor) for e in ledger.events(ids[0])] == [("imported", "cli")]
     assert ledger.is_duplicate(entries[0]["meta"], hashlib.sha256(entries[0]["factors"]).hexdigest())
+
+
+def test_conflicting_applies_end_with_exactly_one(ledger: Ledger) -> None:
+    """Two instances correct one fact at once: each looked before the other applied, so neither supersedes."""
+    meta_a, factors_a = make_payload("Eiffel Tower", "Rome", 1)
+    meta_b, factors_b = make_payload("eiffel  tower", "Berlin", 2)
+    a, b = ledger.record_pending(meta_a, factors_a), ledger.record_pending(meta_b, factors_b)
+    revision = ledger.revision()
+    ledger.mark_applied(a, meta_a["checksum_after"])
+    assert ledger.revision() > revision  # every write bumps it (triggers)
+    with pytest.raises(LedgerError, match=rf"edit #{b} was not applied: edit #{a} corrected the same fact"):
+        ledger.mark_applied(b, meta_b["checksum_after"])
+    assert ledger.applied_ids() == [a] and ledger.get(b).status == "pending"
+    ledger.mark_applied(b, meta_b["checksum_after"], supersedes=[a])  # seen and superseded: fine
+    assert ledger.applied_ids() == [b] and ledger.get(a).status == "superseded"

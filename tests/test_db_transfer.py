@@ -20,8 +20,9 @@ FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCh
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    with Ledger.open(tmp_path / "edits.db", FP) as led:
+def ledger(ledger_url: str) -> Iterator[Ledger]:
+    """A new ledger on SQLite and on PostgreSQL (tests/conftest.py)."""
+    with Ledger.open(ledger_url, FP) as led:
         yield led
 
 
