@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
-REPETITION_PENALTY = 1.2  # chat default (1 = off): edited replies looped in 16.7 % of cases at 1.0, none at 1.2 (README)
+from editing.generation import REPETITION_PENALTY, ChatSettings, generation_kwargs
+
+__all__ = ["REPETITION_PENALTY", "TopToken", "complete", "holds", "stream_chat", "top_next"]
 
 
 @dataclass(frozen=True)
@@ -61,17 +63,16 @@ def stream_chat(
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
-    sampling["repetition_penalty"] = repetition_penalty
+    kwargs = generation_kwargs(ChatSettings(temperature, max_new_tokens, repetition_penalty), tok)  # the shared settings
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
             if context is None:
-                model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id, **sampling)
+                model.generate(**enc, streamer=streamer, **kwargs)
             else:
                 with context:  # type: ignore[attr-defined]
-                    model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id, **sampling)
+                    model.generate(**enc, streamer=streamer, **kwargs)
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(err)
             streamer.end()
