@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
-from editing.generation import REPETITION_PENALTY, ChatSettings, generation_kwargs
+from editing.chat_metrics import names
+from editing.generation import REPETITION_PENALTY, ChatSettings, chat_reply, generation_kwargs
+from editing.questions import question_for
 
-__all__ = ["REPETITION_PENALTY", "TopToken", "complete", "holds", "stream_chat", "top_next"]
+__all__ = ["REPETITION_PENALTY", "TopToken", "answer", "chat_question", "complete", "holds", "stream_chat", "top_next"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,21 @@ def complete(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, 
     return text.strip().rstrip(".")
 
 
+CHAT_PROBE = ChatSettings(max_new_tokens=48)  # the chat's settings, a shorter reply: the answer comes first
+
+
+def chat_question(subject: str, relation: str) -> str:
+    """The question the form asks in chat about an edit ("{} is located in" -> "Where is {}?")."""
+    return question_for(relation, subject)
+
+
+def answer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, kind: str) -> str:
+    """What a check reads: the chat reply for a chat question, else the greedy completion."""
+    if kind == "chat":
+        return chat_reply(model, tok, prompt, CHAT_PROBE) if getattr(tok, "chat_template", None) else ""
+    return complete(model, tok, prompt)
+
+
 @torch.no_grad()
 def top_next(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, k: int = 5) -> list[TopToken]:
     enc = tok(prompt, return_tensors="pt").to(model.device)
@@ -40,8 +57,11 @@ def top_next(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, 
 
 
 def holds(kind: str, expected: str, answer: str) -> bool:
-    """An edited prompt or paraphrase holds when the answer starts with the target; a neighbour when it is unchanged."""
+    """An edited prompt or paraphrase holds when the answer starts with the target; a neighbour when it is unchanged;
+    a chat question when the reply names the target (``editing.chat_metrics.names``)."""
     norm = lambda s: " ".join(s.lower().split())  # noqa: E731
+    if kind == "chat":
+        return names(answer, expected)
     if kind == "neighbour":
         return norm(answer) == norm(expected)
     return norm(answer).startswith(norm(expected))

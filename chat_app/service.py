@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chat_app.locks import RWLock
-from chat_app.probes import REPETITION_PENALTY, TopToken, complete, holds, stream_chat, top_next
+from chat_app.probes import (
+    REPETITION_PENALTY, TopToken, answer, chat_question, complete, holds, stream_chat, top_next,
+)
 from db import EditRecord, EventRecord, Ledger, LedgerError
 from editing import EditRequest, RankOneEdit, RomeEditor
 from editing.arch import mlp_out_param_name
@@ -184,7 +186,8 @@ class EditService:
         with self._edit_mutex:
             with self.weights.read():
                 self.editor.validate(request, **overrides)
-                before = [(p, k, complete(self.model, self.tok, p)) for p, k in prompts]
+                prompts.append((chat_question(request.subject, request.relation), "chat"))  # the chat row
+                before = [(p, k, answer(self.model, self.tok, p, k)) for p, k in prompts]
                 try:
                     edit = self.editor.compute(request, progress=progress, **overrides)
                 except FloatingPointError as err:
@@ -205,7 +208,7 @@ class EditService:
                     checksum = self.editor.apply(edit)
                     self._edits[edit_id] = edit
                     probes = tuple(Probe(p, k, request.target if k != "neighbour" else b, b,
-                                         complete(self.model, self.tok, p)) for p, k, b in before)  # fmt: skip
+                                         answer(self.model, self.tok, p, k)) for p, k, b in before)  # fmt: skip
                     self.ledger.mark_applied(
                         edit_id, checksum, answer_after=probes[0].after, probes=[p.to_dict() for p in probes],
                         actor=actor, supersedes=[r.id for r in old],
@@ -303,8 +306,8 @@ class EditService:
                 probes = []
                 for probe in record.probes or ({"prompt": record.subject and record.relation.replace("{}", record.subject),
                                                 "kind": "edited", "expected": record.target},):  # fmt: skip
-                    answer = complete(self.model, self.tok, probe["prompt"])
-                    probes.append({**probe, "now": answer, "holds": holds(probe["kind"], probe["expected"], answer)})
+                    now = answer(self.model, self.tok, probe["prompt"], probe["kind"])
+                    probes.append({**probe, "now": now, "holds": holds(probe["kind"], probe["expected"], now)})
                 items.append(VerifyItem(record.id, record.subject, record.relation, record.target, tuple(probes)))
         return items
 
