@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import statistics
 import sys
 import time
@@ -41,7 +42,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--offset", type=int, default=0, help="skip this many sampled cases (a fresh slice)")
     ap.add_argument("--variant", action="append", default=[], help="JSON hyperparameter overrides (repeatable)")
-    ap.add_argument("--chat-tokens", type=int, default=64)
+    ap.add_argument("--chat-tokens", type=int, default=48)
+    ap.add_argument("--neighbours", type=int, default=2, help="neighbour prompts for GL (the first also asked in chat)")
+    ap.add_argument("--base-cache", type=Path, default=None, help="pickle of the unedited scores (read if present)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     variants = [json.loads(v) for v in args.variant] or [{}]
@@ -50,11 +53,17 @@ def main() -> None:
     cases = sample_cases(load_cases(DATA)[0], args.n + args.offset, args.seed)[args.offset :]
     editor.context_templates()
     editor.cov(editor.hparams.layer)
-    gen, fluency = GenSettings(chat=ChatSettings(max_new_tokens=args.chat_tokens)), GenerationSettings(max_new_tokens=0)
-    base = [score_case(model, tok, c, fluency, 0, gen=gen) for c in cases]
+    gen = GenSettings(chat=ChatSettings(max_new_tokens=args.chat_tokens), max_neighbours=args.neighbours, chat_neighbours=1)
+    fluency = GenerationSettings(max_new_tokens=0)
+    if args.base_cache is not None and args.base_cache.is_file():
+        base = pickle.loads(args.base_cache.read_bytes())
+    else:
+        base = [score_case(model, tok, c, fluency, 0, gen=gen) for c in cases]
+        if args.base_cache is not None:
+            args.base_cache.write_bytes(pickle.dumps(base))
     print(f"{'variant':<48}   n " + " ".join(f"{c:>5}" for c in COLUMNS) + " median_s steps", flush=True)
     print(row("unedited", base, [], []), flush=True)
-    dump: dict = {"cases": [c.case_id for c in cases], "unedited": [s.gen.__dict__ | {} for s in base], "variants": {}}
+    dump: dict = {"cases": [c.case_id for c in cases], "unedited": [s.gen.__dict__ for s in base], "variants": {}}
     for overrides in variants:
         scores, times, steps, said = [], [], [], []
         for case, before in zip(cases, base):
