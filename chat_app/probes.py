@@ -10,9 +10,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorS
 
 from editing.chat_metrics import names
 from editing.generation import REPETITION_PENALTY, ChatSettings, chat_reply, generation_kwargs
-from editing.questions import question_for
+from editing.questions import fact_from_question, question_for
 
-__all__ = ["REPETITION_PENALTY", "TopToken", "answer", "chat_question", "complete", "holds", "stream_chat", "top_next"]
+__all__ = [
+    "REPETITION_PENALTY", "TopToken", "answer", "chat_question", "complete", "fact_from_question", "holds", "stream_chat",
+    "top_next",
+]
 
 
 @dataclass(frozen=True)

@@ -118,3 +118,34 @@ def question_for_prompt(prompt: str) -> str:
         return "Complete this sentence: " + " ".join(prompt.split()) + " ..."
     subject, template = split
     return question_for(template, subject)
+
+
+# The relation the form suggests for each question (the reverse of ``RULES``; "Correct this" on a chat reply).
+RELATION_FOR_QUESTION: dict[str, str] = {
+    "Where is {}?": "{} is located in", "Which country is {} in?": "{} is located in the country of",
+    "Which country is {} a citizen of?": "{} is a citizen of", "What language does {} speak?": "{} speaks the language",
+    "What language is spoken in {}?": "The official language of {} is", "What language is {} in?": "The language of {} is",
+    "What is the capital of {}?": "The capital of {} is", "What is the twin city of {}?": "The twin city of {} is",
+    "Where was {} born?": "{} was born in", "Where did {} die?": "{} died in", "Where is {} from?": "{} is from",
+    "Who owns {}?": "{} is owned by", "Who does {} work for?": "{} works for", "What is {}'s job?": "{} works as",
+    "What sport does {} play?": "{} professionally plays the sport", "What position does {} play?": "{} plays as",
+    "What instrument does {} play?": "{} plays the instrument", "Which company makes {}?": "{} is produced by",
+    "Who developed {}?": "{} is developed by", "Where is {} headquartered?": "The headquarters of {} is in",
+    "What religion does {} follow?": "{} follows the religion of", "Which continent is {} on?": "{} is located in the continent",
+}  # fmt: skip
+
+
+def fact_from_question(question: str) -> tuple[str, str | None]:
+    """``(subject, relation or None)`` guessed from a chat question: "Where is the Eiffel Tower?" ->
+    ("the Eiffel Tower", "{} is located in"). The subject is the whole question when nothing matches."""
+    text = " ".join(question.split()).rstrip()
+    for asked, relation in RELATION_FOR_QUESTION.items():
+        head, tail = asked.split(SLOT)
+        match = re.fullmatch(re.escape(head) + r"(?P<s>.+?)" + re.escape(tail.rstrip("?")) + r"\??", text, re.I)
+        if match:
+            return match.group("s").strip(), relation
+    about = re.fullmatch(r"(?:tell me about|who is|who was|what is) (?P<s>.+?)[.?!]?", text, re.I)
+    if about:
+        return about.group("s").strip(), None
+    split = split_prompt(text.rstrip("?"))
+    return (split[0], None) if split else (text, None)

@@ -8,7 +8,9 @@ import pytest
 from editing.chat_metrics import GEN_METRICS, GenSettings, names, names_old, score_generation
 from editing.datasets import COUNTERFACT, Case, load_cases
 from editing.generation import ChatSettings, chat_replies, chat_text, greedy_completions
-from editing.questions import question_for, question_for_prompt, question_template, split_prompt
+from editing.questions import (
+    RELATION_FOR_QUESTION, fact_from_question, question_for, question_for_prompt, question_template, split_prompt,
+)
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact_dev.json"
@@ -106,3 +108,15 @@ def test_score_generation_on_a_tiny_model() -> None:
     again = score_generation(model, tok, case, settings, reference=base)
     assert again.as_dict() == base.as_dict() and set(again.as_dict()) == set(GEN_METRICS)
     assert again.ge == float(names(again.completion, "rome")) and again.ce == float(names(again.reply, "rome"))
+
+
+def test_correct_this_guesses_the_subject_and_relation_from_the_question() -> None:
+    from chat_app.ui_chat import correct_this
+
+    conv = [{"role": "user", "content": "Where is the Eiffel Tower?"}, {"role": "assistant", "content": "In Paris."}]
+    subject, relation, tabs = correct_this(conv)
+    assert subject == "the Eiffel Tower" and relation.value == "{} is located in" and tabs.selected == "form"
+    assert fact_from_question("Which country is Angela Merkel a citizen of?") == ("Angela Merkel", "{} is a citizen of")
+    assert fact_from_question("Tell me about Rome.") == ("Rome", None)
+    for asked, relation in RELATION_FOR_QUESTION.items():  # the guess asks the same question again
+        assert question_template(relation) == asked
