@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from editing.datasets import load_cases, sample_cases  # noqa: E402
+from editing.evaluation.datasets import load_cases, sample_cases  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "counterfact_dev.json"
 SPANS: dict[str, float] = defaultdict(float)

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-REPETITION_PENALTY = 1.2  # chat default (1 = off): edited replies looped in 16.7 % of cases at 1.0, none at 1.2 (README)
+from editing.evaluation.chat_metrics import names
+from editing.generation import REPETITION_PENALTY, ChatSettings, chat_reply, generation_kwargs
+from editing.questions import fact_from_question, question_for
+
+__all__ = [
+    "REPETITION_PENALTY", "TopToken", "answer", "chat_question", "complete", "fact_from_question", "holds", "stream_chat",
+    "top_next",
+]
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,21 @@ def first_sentence(text: str) -> str:
     return text.strip().rstrip(".")
 
 
+CHAT_PROBE = ChatSettings(max_new_tokens=48)  # the chat's settings, a shorter reply: the answer comes first
+
+
+def chat_question(subject: str, relation: str) -> str:
+    """The question the form asks in chat about an edit ("{} is located in" -> "Where is {}?")."""
+    return question_for(relation, subject)
+
+
+def answer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, kind: str) -> str:
+    """What a check reads: the chat reply for a chat question, else the greedy completion."""
+    if kind == "chat":
+        return chat_reply(model, tok, prompt, CHAT_PROBE) if getattr(tok, "chat_template", None) else ""
+    return complete(model, tok, prompt)
+
+
 @torch.no_grad()
 def top_next(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, k: int = 5) -> list[TopToken]:
     enc = tok(prompt, return_tensors="pt").to(model.device)
@@ -43,8 +65,11 @@ def top_next(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, 
 
 
 def holds(kind: str, expected: str, answer: str) -> bool:
-    """An edited prompt or paraphrase holds when the answer starts with the target; a neighbour when it is unchanged."""
+    """An edited prompt or paraphrase holds when the answer starts with the target; a neighbour when it is unchanged;
+    a chat question when the reply names the target (``editing.evaluation.chat_metrics.names``)."""
     norm = lambda s: " ".join(s.lower().split())  # noqa: E731
+    if kind == "chat":
+        return names(answer, expected)
     if kind == "neighbour":
         return norm(answer) == norm(expected)
     return norm(answer).startswith(norm(expected))
@@ -79,16 +104,15 @@ def stream_chat(
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
-    sampling["repetition_penalty"] = repetition_penalty
+    kwargs = generation_kwargs(ChatSettings(temperature, max_new_tokens, repetition_penalty), tok)  # the shared settings
     stop = threading.Event()
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
             with context if context is not None else contextlib.nullcontext():  # type: ignore[attr-defined]
-                model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id,
-                               stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]), **sampling)  # fmt: skip
+                model.generate(**enc, streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]),
+                               **kwargs)  # fmt: skip
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(err)
             streamer.end()

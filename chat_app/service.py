@@ -19,7 +19,9 @@ from typing import Any
 
 from chat_app.completions import CompletionCache, complete_batch, weights_state
 from chat_app.locks import RWLock
-from chat_app.probes import REPETITION_PENALTY, TopToken, complete, holds, stream_chat, top_next
+from chat_app.probes import (
+    REPETITION_PENALTY, TopToken, answer, chat_question, holds, stream_chat, top_next,
+)
 from chat_app.sync import LedgerSync
 from db import EditRecord, EventRecord, Ledger, LedgerError
 from editing import EditRequest, RankOneEdit, RomeEditor
@@ -213,6 +215,8 @@ class EditService(LedgerSync):
                 texts = [p for p, _ in prompts]  # the preview's answers are reused, unless the view hides old edits
                 answers = complete_batch(self.model, self.tok, texts) if old else self.completions.answers(self.editor, texts)
                 before = [(p, k, a) for (p, k), a in zip(prompts, answers)]
+                question = chat_question(request.subject, request.relation)  # the chat row: what users see
+                before.append((question, "chat", answer(self.model, self.tok, question, "chat")))
                 try:
                     edit = self.editor.compute(request, progress=progress, **overrides)
                 except FloatingPointError as err:
@@ -257,7 +261,8 @@ class EditService(LedgerSync):
     def _after_probes(self, request: EditRequest, edit: RankOneEdit, before: list[tuple[str, str, str]]) -> tuple[Probe, ...]:
         """Each probe answered by the model as it will be once ``edit`` is applied (this thread only)."""
         with self.editor.view(extra=[edit]):
-            afters = complete_batch(self.model, self.tok, [p for p, _, _ in before])
+            afters = complete_batch(self.model, self.tok, [p for p, k, _ in before if k != "chat"])
+            afters += [answer(self.model, self.tok, p, k) for p, k, _ in before if k == "chat"]  # the chat row is last
         return tuple(Probe(p, k, request.target if k != "neighbour" else b, b, a)
                      for (p, k, b), a in zip(before, afters))  # fmt: skip
 
@@ -265,7 +270,8 @@ class EditService(LedgerSync):
         """The after-answers are the new weights' completions: the form's next preview reuses them."""
         state = weights_state(self.editor)
         for probe in probes:
-            self.completions.put(state, probe.prompt, probe.after)
+            if probe.kind != "chat":  # the cache holds greedy completions, not chat replies
+                self.completions.put(state, probe.prompt, probe.after)
 
     def _refuse(self, request: EditRequest, reason: str, actor: str, answer_before: str) -> None:
         meta = {"subject": request.subject, "relation": request.relation, "target": request.target,
@@ -356,8 +362,8 @@ class EditService(LedgerSync):
                 probes = []
                 for probe in record.probes or ({"prompt": record.subject and record.relation.replace("{}", record.subject),
                                                 "kind": "edited", "expected": record.target},):  # fmt: skip
-                    answer = complete(self.model, self.tok, probe["prompt"])
-                    probes.append({**probe, "now": answer, "holds": holds(probe["kind"], probe["expected"], answer)})
+                    now = answer(self.model, self.tok, probe["prompt"], probe["kind"])
+                    probes.append({**probe, "now": now, "holds": holds(probe["kind"], probe["expected"], now)})
                 items.append(VerifyItem(record.id, record.subject, record.relation, record.target, tuple(probes)))
         return items
 

@@ -75,6 +75,7 @@ def build_ui(service: EditService, warmup: StatsWarmup | None = None) -> gr.Bloc
         _wire_form(handlers, form, filters, views)
         _wire_history(handlers, history, filters, views, history_tab)
         _wire_locate(service, locate, form, tabs)
+        chat.correct.click(ui_chat.correct_this, chat.conv, [form.subject, form.relation, tabs], queue=False)
 
         def poll(last: Any, text: str, status: str) -> tuple[Any, ...]:
             now = handlers.signature()

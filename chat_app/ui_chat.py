@@ -8,13 +8,25 @@ its replies is "what the unedited model would say here", turn by turn.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
-from chat_app.probes import REPETITION_PENALTY
+import gradio as gr
+
+from chat_app.probes import REPETITION_PENALTY, fact_from_question
 from chat_app.ui_inputs import refuse
 from chat_app.service import EditService
 
 Message = dict[str, str]
 MAX_MESSAGE_CHARS = 4000
+
+
+def correct_this(conv: list[Message]) -> tuple[str, Any, Any]:
+    """"Correct this" on the last chat turn: the form pre-filled with the subject and a relation guess."""
+    asked = [m["content"] for m in conv if m.get("role") == "user" and isinstance(m.get("content"), str)]
+    if not asked:
+        raise gr.Error("ask the chat something first; then correct its reply")
+    subject, relation = fact_from_question(asked[-1])
+    return subject, gr.Dropdown(value=relation) if relation else gr.Dropdown(), gr.Tabs(selected="form")
 
 
 def with_system(system: str | None, messages: list[Message]) -> list[Message]:

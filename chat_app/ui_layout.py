@@ -34,6 +34,7 @@ def chat_tab() -> SimpleNamespace:
     with gr.Row():
         c.compare = gr.Checkbox(label="Compare with the original model", value=False, elem_id="chat-compare")
         c.clear = gr.Button("Clear conversation", size="sm", scale=0)
+        c.correct = gr.Button("Correct this reply", size="sm", scale=0, elem_id="chat-correct")
     with gr.Accordion("System prompt and sampling", open=False):
         c.system = inputs.Textbox(label="System prompt", lines=2, placeholder="Empty: the model's default system prompt")
         with gr.Row():

@@ -16,7 +16,7 @@ from typing import Any
 
 from db.schema import Edit, Event, LedgerError
 
-PROBE_KINDS = ("edited", "paraphrase", "neighbour")
+PROBE_KINDS = ("edited", "paraphrase", "neighbour", "chat")
 HEX64 = re.compile(r"[0-9a-f]{64}")
 # Bytes per element of the dtypes we can size-check; other dtype names are stored unchecked.
 DTYPE_SIZES = {

@@ -21,7 +21,10 @@ from editing.rome import Progress, compute_key, factor_cov, rank_one_factors
 from editing.rows import Row, key_row, kl_row, rewrite_row
 from editing.stats import second_moment
 from editing.templates import context_templates
+from editing.chat_rows import STYLES as CHAT_STYLES
+from editing.chat_rows import chat_rows
 from editing.value import optimise_value
+from editing.value_stop import StopRule, greedy_check
 
 log = logging.getLogger(__name__)
 MAX_PROMPT_TOKENS = 128
@@ -108,11 +111,24 @@ class RomeEditor:
     def rows(self, request: EditRequest, hp: RomeHyperParams) -> tuple[list[Row], list[Row], Row]:
         """Key rows, value rows and the KL row; raises ``ValueError`` if the request does not tokenise."""
         templates = self.context_templates(hp)
-        keys = [key_row(self.tok, t, request) for t in templates]
+        keys = [key_row(self.tok, t, request) for t in templates] + chat_rows(self.tok, request, hp.chat_keys, key=True)
         values = [rewrite_row(self.tok, t, request) for t in templates[: hp.value_templates]]
+        values += chat_rows(self.tok, request, hp.chat_values)
         if len(values[0].input_ids) > MAX_PROMPT_TOKENS:
             raise ValueError(f"the prompt and target are longer than {MAX_PROMPT_TOKENS} tokens")
         return keys, values, kl_row(self.tok, hp.kl_prompt, request.subject)
+
+    def _stop_rule(self, request: EditRequest, hp: RomeHyperParams) -> StopRule | None:
+        """The chat-aware stop (worst prompt, greedy check on the bare prompt and both chat styles), if asked for."""
+        if hp.stop_on == "mean" and hp.greedy_check == 0:
+            return None
+        check = None
+        if hp.greedy_check > 0:
+            rows = [rewrite_row(self.tok, "{}", request)]
+            if getattr(self.tok, "chat_template", None) is not None:
+                rows += chat_rows(self.tok, request, len(CHAT_STYLES))
+            check = greedy_check(self.model, hp.layer, rows, self.tok.pad_token_id)
+        return StopRule(hp, check)
 
     def validate(self, request: EditRequest, **overrides: object) -> RomeHyperParams:
         hp = self.hparams_for(request, **overrides)
@@ -137,7 +153,9 @@ class RomeEditor:
             progress("key", 1.0)
         timings["key_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = optimise_value(self.model, hp, key, value_rows, kl, self.tok.pad_token_id, self.method, progress)
+        result = optimise_value(
+            self.model, hp, key, value_rows, kl, self.tok.pad_token_id, self.method, progress, self._stop_rule(request, hp)
+        )
         timings["value_s"] = time.perf_counter() - t0
         value_dir, key_dir = rank_one_factors(cov, key, result.delta, self._cov_lu(hp.layer, hp.stats_samples))
         if not (torch.isfinite(value_dir).all() and torch.isfinite(key_dir).all()):

@@ -32,6 +32,11 @@ class RomeHyperParams:
     stats_samples: int = 1000  # corpus texts for C = E[k k^T] (measured: README)
     stats_max_tokens: int = 256  # each text is truncated to this many tokens
     seed: int = 0  # seeds template generation
+    # Edits computed for chat (editing/chat_rows.py, editing/value_stop.py; measured: notes/README-chat.md)
+    chat_values: int = 0  # chat-wrapped value prompts added (question in the user turn, answer in the assistant's)
+    chat_keys: int = 0  # chat-wrapped contexts added to the key average
+    stop_on: str = "mean"  # early stop when the "mean" or the "worst" value prompt's NLL is below early_stop_loss
+    greedy_check: int = 0  # >0: also stop only once the greedy answer is the target; at most this many extra steps
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -55,6 +60,10 @@ class RomeHyperParams:
             (1 <= self.value_templates <= 1 + sum(n for _, n in self.templates), "value_templates out of range"),
             (1 <= self.stats_samples <= 10_000_000, "stats_samples must be positive"),
             (self.layer >= 0, "layer must be non-negative"),
+            (0 <= self.chat_values <= 8, "chat_values must be between 0 and 8"),
+            (0 <= self.chat_keys <= 8, "chat_keys must be between 0 and 8"),
+            (self.stop_on in ("mean", "worst"), "stop_on must be 'mean' or 'worst'"),
+            (0 <= self.greedy_check <= 50, "greedy_check must be between 0 and 50 extra steps"),
         ]
         for ok, message in checks:
             if not ok:

@@ -24,6 +24,7 @@ from editing.layers import can_start_midway, run_from
 from editing.nethook import capture_input, edit_output, run_until
 from editing.rome import Progress, ValueResult, pad_batch, value_at
 from editing.rows import Row
+from editing.value_stop import StopRule
 
 # delta -> (log-probs of each target token (n_targets,), log-probs at the KL position (V,))
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -149,11 +150,13 @@ def optimise_value(
     pad_id: int,
     method: str = "fast",
     progress: Progress | None = None,
+    stop: StopRule | None = None,
 ) -> ValueResult:
     """Adam on ``delta`` to minimise target NLL + KL on the essence prompt + a norm penalty; clamped each step.
 
     Stops early once the target NLL (``early_stop_on="nll"``) or the whole loss (``"loss"``, as the
-    reference code) is below ``early_stop_loss``.
+    reference code) is below ``early_stop_loss``; ``stop`` (``editing.value_stop``) replaces that rule and
+    may allow extra steps.
     """
     builders = {"fast": fast_forward, "prefix": partial(fast_forward, skip_below=False), "plain": plain_forward}
     if method not in builders:
@@ -169,7 +172,8 @@ def optimise_value(
     kl_ref: torch.Tensor | None = None
     losses: list[float] = []
     nll = torch.tensor(float("inf"))
-    for step in range(hp.steps):
+    limit = hp.steps if stop is None else stop.max_steps
+    for step in range(limit):
         opt.zero_grad()
         target_logp, kl_logp = forward(delta)
         per_row = torch.zeros(len(rows), device=device).index_add(0, row_of, target_logp) / counts
@@ -179,11 +183,12 @@ def optimise_value(
         loss = nll + hp.kl_factor * kl_term(kl_ref, kl_logp, hp.kl_direction) + norm_term(delta, v0_norm, hp)
         losses.append(nll.item())
         if progress is not None:
-            progress("value", (step + 1) / hp.steps)
+            progress("value", min(1.0, (step + 1) / hp.steps))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"value optimisation diverged at step {step} (loss {loss.item()})")
         watched = losses[-1] if hp.early_stop_on == "nll" else loss.item()
-        if watched < hp.early_stop_loss or step == hp.steps - 1:
+        done = watched < hp.early_stop_loss if stop is None else stop(-per_row.detach(), delta.detach(), step)
+        if done or step == limit - 1:
             break
         loss.backward()
         opt.step()

@@ -66,7 +66,7 @@ def test_apply_changes_the_answer_then_revert_restores_it(client: object, tmp_pa
 
     result, probes = client.predict(*apply_args(*FACT), api_name="/apply_edit")
     assert "Edit #1 applied" in result
-    assert [r[0] for r in probes["data"]] == ["edited", "paraphrase", "neighbour"]
+    assert [r[0] for r in probes["data"]] == ["edited", "paraphrase", "neighbour", "chat"]
     assert "rome" in chat(client).lower()
     assert "rome" not in client.predict(QUESTION, "", 0.0, 64, True, api_name="/chat").lower()  # the original
 

@@ -26,7 +26,10 @@ def test_apply_is_recorded_and_survives_restart(ledger_path) -> None:  # type: i
     base = state(svc)
     result = svc.apply(A, paraphrases=["The Eiffel tower is in"], neighbours=["The Colosseum is in"])
     record = svc.record(result.edit_id)
-    assert record.status == "applied" and record.position == 0 and len(record.probes) == 3
+    assert record.status == "applied" and record.position == 0 and len(record.probes) == 4
+    chat = record.probes[-1]  # the chat row: the question about the subject, the reply before and after
+    assert chat["kind"] == "chat" and chat["prompt"] == "Where is The Eiffel tower?"
+    assert chat["holds"] == (A.target.lower() in chat["after"].lower().split())
     assert not same(state(svc), base)
     assert same(state(start(ledger_path)), state(svc))
     assert [e.kind for e in svc.events(result.edit_id)] == ["applied"]
@@ -52,15 +55,15 @@ def test_crash_during_apply_leaves_the_state_before(ledger_path, monkeypatch, wh
         _break(monkeypatch, svc.editor, "apply")
     else:
         calls = {"n": 0}
-        real = service_module.complete
+        real = service_module.answer
 
-        def complete_then_crash(*args, **kwargs):  # type: ignore[no-untyped-def]
+        def answer_then_crash(*args, **kwargs):  # type: ignore[no-untyped-def]
             calls["n"] += 1
-            if calls["n"] > 1:  # the first call is the answer before; the next is after applying
+            if calls["n"] > 1:  # the first call is the chat answer before; the next is the answer after the edit
                 raise RuntimeError("injected crash after the weights changed")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(service_module, "complete", complete_then_crash)
+        monkeypatch.setattr(service_module, "answer", answer_then_crash)
     with pytest.raises(RuntimeError, match="injected"):
         svc.apply(B)
     monkeypatch.undo()

@@ -74,7 +74,7 @@ def test_apply_adds_a_history_row_and_the_banner_counts_it(service: EditService)
     assert h.history().empty
     text, probes = apply(h, paraphrases="the tower is located in the city of", neighbours="the louvre is located in")
     assert "Edit #1 applied" in text
-    assert list(probes["check"]) == ["edited", "paraphrase", "neighbour"]
+    assert list(probes["check"]) == ["edited", "paraphrase", "neighbour", "chat"]
     table = h.history()
     assert list(table["id"]) == [1]
     assert table["status"][0].endswith("applied")

@@ -22,6 +22,8 @@ from editing.evaluation.datasets import Case, load_cases, sample_cases
 from editing.editor import RomeEditor
 from editing.fingerprint import tensor_checksum
 from editing.evaluation.ftl import FineTuneL, FTLHyperParams
+from editing.evaluation.chat_metrics import GEN_METRICS, GenSettings
+from editing.generation import ChatSettings
 from editing.evaluation.metrics import METRICS, CaseScores, GenerationSettings, aggregate, score_case
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,11 @@ class Method(Protocol):
 class RomeMethod:
     name = "ROME"
 
-    def __init__(self, editor: RomeEditor, layer: int) -> None:
-        self.editor, self.layer = editor, layer
+    def __init__(self, editor: RomeEditor, layer: int, overrides: dict[str, Any] | None = None) -> None:
+        self.editor, self.layer, self.overrides = editor, layer, dict(overrides or {})
 
     def apply(self, case: Case) -> float:
-        edit = self.editor.compute(case.request(), layer=self.layer)
+        edit = self.editor.compute(case.request(), **{**self.overrides, "layer": self.layer})
         self.editor.apply(edit)
         return edit.update_norm
 
@@ -84,7 +86,8 @@ class EvalResult:
         cases = [
             {"case_id": r.case.case_id, "subject": r.case.subject, "prompt": r.case.prompt,
              "target_new": r.case.target_new, "target_true": r.case.target_true,
-             "scores": {name: s.as_dict() for name, s in r.scores.items()}, "update_norm": r.update_norms}
+             "scores": {name: s.as_dict() for name, s in r.scores.items()}, "update_norm": r.update_norms,
+             "said": {name: _said(s) for name, s in r.scores.items() if s.gen is not None}}
             for r in self.cases
         ]  # fmt: skip
         curves = {m: [{"edits": k, **row} for k, row in points] for m, points in self.curves.items()}
@@ -93,6 +96,13 @@ class EvalResult:
             "aggregates": self.rows, "cases": cases, "update_norms": {k: list(v) for k, v in self.update_norms.items()},
             "curves": curves, "failed": [list(f) for f in self.failed], "seconds": round(self.seconds, 2),
         }  # fmt: skip
+
+
+def _said(scores: CaseScores) -> dict[str, Any]:
+    gen = scores.gen
+    assert gen is not None
+    return {"question": gen.question, "reply": gen.reply, "completion": gen.completion,
+            "neighbour_completions": list(gen.neighbour_completions), **gen.texts}  # fmt: skip
 
 
 @dataclass
@@ -108,10 +118,13 @@ class _Run:
     total: int
     done: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    said: GenSettings | None = None
 
     def score(self, index: int, reference: CaseScores | None = None) -> CaseScores:
         ref = None if reference is None else reference.reference
-        return score_case(self.model, self.tok, self.cases[index], self.generation, self.seed + index, ref)
+        gen_ref = None if reference is None else reference.gen
+        case = self.cases[index]
+        return score_case(self.model, self.tok, case, self.generation, self.seed + index, ref, self.said, gen_ref)
 
     def tick(self, units: int = 1) -> None:
         self.done += units
@@ -210,8 +223,13 @@ def run_evaluation(
     ftl: FTLHyperParams | bool = True,
     generation: GenerationSettings = GenerationSettings(),
     checkpoints: int = 10,
+    said: GenSettings | None = None,
+    rome_overrides: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Score the unedited model, FT-L (unless ``ftl`` is false) and ROME on a seeded sample of ``n`` cases.
+
+    ``said`` switches on the generation metrics (GE/GP/GL/CE/CO/NC, ``editing.evaluation.chat_metrics``);
+    ``rome_overrides`` are hyperparameters for ROME's edits (e.g. ``{"stop_on": "worst"}``).
 
     The editor must have no edits applied; the model's weights are unchanged on return.
     """
@@ -227,10 +245,12 @@ def run_evaluation(
     editor.context_templates()
     ftl_hp = ftl if isinstance(ftl, FTLHyperParams) else FTLHyperParams(layer) if ftl else None
     methods: list[Method] = [] if ftl_hp is None else [FineTuneL(model, tok, ftl_hp)]
-    methods.append(RomeMethod(editor, layer))
+    if rome_overrides:
+        editor.hparams.replace(**rome_overrides)  # unknown or bad values fail here, before the run
+    methods.append(RomeMethod(editor, layer, rome_overrides))
     m = len(sample)
     total = m if mode == "independent" else m + len(methods) * (m + sum(_checkpoints(m, checkpoints)))
-    run = _Run(model, tok, sample, seed, generation, progress, total)
+    run = _Run(model, tok, sample, seed, generation, progress, total, said=said)
     run.tick(0)  # starts the clock of a progress bar
     checksum = tensor_checksum(model.get_parameter(mlp_out_param_name(model, layer)))
     start = time.perf_counter()
@@ -242,7 +262,8 @@ def run_evaluation(
     if tensor_checksum(model.get_parameter(mlp_out_param_name(model, layer))) != checksum:
         raise RuntimeError("the evaluation did not restore the model's weights")
     names = [UNEDITED, *(m.name for m in methods)]
-    config = {"generation": asdict(generation), "ftl": None if ftl_hp is None else ftl_hp.to_dict()}
+    config = {"generation": asdict(generation), "ftl": None if ftl_hp is None else ftl_hp.to_dict(),
+              "said": None if said is None else asdict(said), "rome_overrides": dict(rome_overrides or {})}  # fmt: skip
     return EvalResult(
         mode=mode, n=len(sample), seed=seed, layer=layer, cases=tuple(results),
         rows={name: aggregate([r.scores[name] for r in results]) for name in names},
@@ -254,10 +275,11 @@ def run_evaluation(
 
 def format_table(result: EvalResult) -> str:
     """The paper's table: one row per method, success rates and magnitudes in %, fluency in bits."""
-    head = f"{'':<10}" + "".join(f"{m:>9}" for m in METRICS)
+    shown = [m for m in METRICS if m not in GEN_METRICS or any(row[m] is not None for row in result.rows.values())]
+    head = f"{'':<10}" + "".join(f"{m:>9}" for m in shown)
     lines = [head, "-" * len(head)]
     for name, row in result.rows.items():
-        cells = "".join(f"{'-':>9}" if row[m] is None else f"{row[m]:>9.2f}" for m in METRICS)
+        cells = "".join(f"{'-':>9}" if row[m] is None else f"{row[m]:>9.2f}" for m in shown)
         lines.append(f"{name:<10}{cells}")
     for method, norms in result.update_norms.items():
         if norms:
@@ -308,7 +330,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the sequential curves")
     parser.add_argument("--gen-tokens", type=int, default=64, help="tokens generated for fluency (0: off)")
     parser.add_argument("--checkpoints", type=int, default=10, help="sequential measurements along the way")
+    parser.add_argument("--chat-tokens", type=int, default=64,
+                        help="reply length of the chat metrics CE/CO/NC, with the app's chat settings (0: no generation metrics)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a ROME hyperparameter for the edits, e.g. --set stop_on=worst (repeatable)")
     return parser
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["lr=1", "stop_on=worst"]`` -> ``{"lr": 1, "stop_on": "worst"}`` (numbers and booleans parsed as JSON)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--set needs NAME=VALUE, got {pair!r}")
+        try:
+            out[name.strip()] = json.loads(text)
+        except ValueError:
+            out[name.strip()] = text
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_evaluation(
                 model, tok, editor, cases, args.mode, args.n, args.seed, args.layer, progress,
                 ftl=not args.no_ftl, generation=GenerationSettings(max_new_tokens=args.gen_tokens),
-                checkpoints=args.checkpoints,
+                checkpoints=args.checkpoints, rome_overrides=_overrides(args.set),
+                said=GenSettings(chat=ChatSettings(max_new_tokens=args.chat_tokens)) if args.chat_tokens > 0 else None,
             )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)

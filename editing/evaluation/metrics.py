@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.evaluation.datasets import ZSRE, Case
+from editing.evaluation.chat_metrics import GEN_METRICS, GenScores, GenSettings, score_generation
 from editing.rome import pad_batch
 from editing.tokens import encode
 
@@ -166,7 +167,7 @@ def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-METRICS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "fluency")
+METRICS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "fluency", *GEN_METRICS)
 
 
 @dataclass(frozen=True)
@@ -187,11 +188,13 @@ class CaseScores:
     nm: float | None
     fluency: float | None  # mean n-gram entropy of the generated texts (bits)
     reference: tuple[tuple[int, ...], ...] = ()  # zsRE: the unedited model's locality predictions
+    gen: GenScores | None = None  # what the model says (editing.evaluation.chat_metrics); None when not measured
 
     def as_dict(self) -> dict[str, float | None]:
         keys = ("ES", "PS", "NS", "EM", "PM", "NM", "fluency")
         values = (self.es, self.ps, self.ns, self.em, self.pm, self.nm, self.fluency)
-        return dict(zip(keys, values))
+        gen = self.gen.as_dict() if self.gen is not None else dict.fromkeys(GEN_METRICS)
+        return {**dict(zip(keys, values)), **gen}
 
 
 def _case_fluency(
@@ -253,20 +256,24 @@ def score_case(
     settings: GenerationSettings,
     seed: int,
     reference: tuple[tuple[int, ...], ...] | None = None,
+    gen: GenSettings | None = None,
+    gen_reference: GenScores | None = None,
 ) -> CaseScores:
     """``case`` measured on the model's current weights. For zsRE, ``reference`` holds the unedited
-    model's locality predictions (``None`` when this is the unedited model). Weights are not changed."""
+    model's locality predictions (``None`` when this is the unedited model); ``gen_reference`` the
+    unedited model's generation scores. ``gen`` switches the generation metrics on. Weights are not changed."""
     if case.kind == ZSRE:
         scores = _score_zsre(model, tok, case, reference)
     else:
         scores = _score_counterfact(model, tok, case)
-    return replace(scores, fluency=_case_fluency(model, tok, case, settings, seed))
+    said = None if gen is None else score_generation(model, tok, case, gen, gen_reference)
+    return replace(scores, fluency=_case_fluency(model, tok, case, settings, seed), gen=said)
 
 
 def aggregate(scores: Sequence[CaseScores]) -> dict[str, float | None]:
     """The paper's row: ES..NM as percentages (means over cases), fluency in bits, S = HM(ES, PS, NS)."""
     row: dict[str, float | None] = {}
-    for key in ("ES", "PS", "NS", "EM", "PM", "NM", "fluency"):
+    for key in ("ES", "PS", "NS", "EM", "PM", "NM", "fluency", *GEN_METRICS):
         value = mean([v for s in scores if (v := s.as_dict()[key]) is not None])
         row[key] = None if value is None else value * (1 if key == "fluency" else 100)
     parts = [row["ES"], row["PS"], row["NS"]]

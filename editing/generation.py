@@ -1,0 +1,105 @@
+"""The chat app's generation settings and a non-streaming reply with them, shared by the app and the evaluation.
+
+``chat_app.probes.stream_chat`` streams with ``generation_kwargs``; ``chat_reply`` and ``chat_replies``
+return whole replies with the same settings, so what ``evaluate`` measures is what the chat shows.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Chat default (1 = off): edited replies looped in 16.7 % of cases at 1.0, none at 1.2 (README).
+REPETITION_PENALTY = 1.2
+CHAT_MAX_NEW_TOKENS = 128  # the chat tab's default reply length
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """How the chat generates: greedy at temperature 0, else nucleus sampling (top-p 0.95)."""
+
+    temperature: float = 0.0
+    max_new_tokens: int = CHAT_MAX_NEW_TOKENS
+    repetition_penalty: float = REPETITION_PENALTY
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.temperature <= 5:
+            raise ValueError(f"temperature must be in [0, 5], got {self.temperature}")
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise ValueError(f"max_new_tokens must be in [1, 4096], got {self.max_new_tokens}")
+        if not 1 <= self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be in [1, 10] (1 = off), got {self.repetition_penalty}")
+
+
+def generation_kwargs(settings: ChatSettings, tok: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Keyword arguments of ``model.generate`` for ``settings`` (no inputs, no streamer)."""
+    if settings.temperature > 0:
+        sampling: dict[str, Any] = {"do_sample": True, "temperature": settings.temperature, "top_p": 0.95}
+    else:
+        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {
+        **sampling,
+        "repetition_penalty": settings.repetition_penalty,
+        "max_new_tokens": settings.max_new_tokens,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
+def chat_text(tok: PreTrainedTokenizerBase, messages: Sequence[Message]) -> str:
+    """The conversation through the tokenizer's chat template, ready for the assistant's turn."""
+    if getattr(tok, "chat_template", None) is None:
+        raise ValueError("this tokenizer has no chat template; chat metrics need an instruct model")
+    return tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
+@torch.no_grad()
+def chat_replies(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    settings: ChatSettings = ChatSettings(),
+) -> list[str]:
+    """One single-turn reply per question (the model's default system prompt), generated as one left-padded batch."""
+    if not questions:
+        return []
+    device = next(model.parameters()).device
+    texts = [chat_text(tok, [{"role": "user", "content": q}]) for q in questions]
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
+    out = model.generate(**enc, **generation_kwargs(settings, tok))
+    width = enc["input_ids"].shape[1]
+    return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def chat_reply(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, question: str, settings: ChatSettings = ChatSettings()
+) -> str:
+    return chat_replies(model, tok, [question], settings)[0]
+
+
+@torch.no_grad()
+def greedy_completions(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 10
+) -> list[str]:
+    """Greedy continuation of each prompt (no penalty), cut at the first line break or sentence end."""
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    enc = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    width = enc["input_ids"].shape[1]
+    return [first_sentence(tok.decode(row[width:], skip_special_tokens=True)) for row in out]
+
+
+def first_sentence(text: str) -> str:
+    text = text.strip().split("\n")[0]
+    for stop in (". ", "? ", "! "):
+        text = text.split(stop)[0]
+    return text.strip().rstrip(".")
