@@ -15,6 +15,7 @@ from editing.edit import RankOneEdit
 from editing.fingerprint import model_fingerprint, tensor_checksum
 from editing.nethook import replace_weights
 from editing.hparams import RomeHyperParams, default_hparams
+from editing.projection import Projection, null_space_projection, projected_key_dir, recover_key, stack_keys
 from editing.request import EditRequest
 from editing.rome import Progress, compute_key, factor_cov, rank_one_factors
 from editing.rows import Row, key_row, kl_row, rewrite_row
@@ -54,6 +55,7 @@ class RomeEditor:
         self._covs: dict[tuple[int, int], torch.Tensor] = {}
         self._lus: dict[tuple[int, int], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._templates: list[str] | None = None
+        self._projections: dict[tuple[int, int, float], tuple[torch.Tensor, Projection]] = {}
 
     # ----- preparation -------------------------------------------------------------
     def hparams_for(self, request: EditRequest, **overrides: object) -> RomeHyperParams:
@@ -92,6 +94,48 @@ class RomeEditor:
             cached = self._lus[(layer, n_samples)] = (cov, factor_cov(cov))
         return cached[1]
 
+    def projection(self, layer: int, n_samples: int, threshold: float) -> Projection:
+        """AlphaEdit's P for ``cov(layer, n_samples)``, cached for as long as that matrix is the one in use."""
+        cov = self.cov(layer, n_samples)
+        cached = self._projections.get((layer, n_samples, threshold))
+        if cached is None or cached[0] is not cov:
+            cached = self._projections[(layer, n_samples, threshold)] = (cov, null_space_projection(cov, threshold))
+        return cached[1]
+
+    def key_cache(self, layer: int) -> torch.Tensor:
+        """(d_in, n): the keys k* of the edits applied at ``layer``, in order, derived from ``applied``.
+
+        Because it is derived, revert, re-apply, ``rebuild`` and ``reset`` keep it exact. An edit
+        stored without its key (made before keys were kept) is an r-ROME edit: its key is recovered
+        from its factors and that layer's statistics.
+        """
+        name = mlp_out_param_name(self.model, layer)
+        keys = []
+        for edit in self._applied:
+            if edit.param_name != name:
+                continue
+            if edit.key is None:
+                samples = int(edit.hparams.get("stats_samples", self.hparams.stats_samples))
+                keys.append(recover_key(edit.value_dir, edit.key_dir, self.cov(layer, samples)))
+            else:
+                keys.append(edit.key)
+        return stack_keys(keys, self.model.get_parameter(name).shape[self._in_axis(name)])
+
+    def _in_axis(self, name: str) -> int:
+        return 0 if is_transposed(get_module(self.model, name.rsplit(".", 1)[0])) else 1
+
+    def _key_dir(self, hp: RomeHyperParams, key: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+        """``(value_dir, key_dir, stats)`` by the update ``hp.update`` names."""
+        if hp.update == "r-rome":
+            cov = self.cov(hp.layer, hp.stats_samples)
+            value_dir, key_dir = rank_one_factors(cov, key, delta, self._cov_lu(hp.layer, hp.stats_samples))
+            return value_dir, key_dir, {}
+        projection = self.projection(hp.layer, hp.stats_samples, hp.null_space_threshold)
+        cache = self.key_cache(hp.layer)
+        key_dir = projected_key_dir(key, projection, cache, hp.cache_l2).to(key.device)
+        stats = {"projection_dims": projection.dims, "cache_keys": int(cache.shape[1])}
+        return delta.detach().float().clone(), key_dir, stats
+
     def rows(self, request: EditRequest, hp: RomeHyperParams) -> tuple[list[Row], list[Row], Row]:
         """Key rows, value rows and the KL row; raises ``ValueError`` if the request does not tokenise."""
         templates = self.context_templates()
@@ -126,7 +170,7 @@ class RomeEditor:
         t0 = time.perf_counter()
         result = optimise_value(self.model, hp, key, value_rows, kl, self.tok.pad_token_id, self.method, progress)
         timings["value_s"] = time.perf_counter() - t0
-        value_dir, key_dir = rank_one_factors(cov, key, result.delta, self._cov_lu(hp.layer, hp.stats_samples))
+        value_dir, key_dir, update_stats = self._key_dir(hp, key, result.delta)
         if not (torch.isfinite(value_dir).all() and torch.isfinite(key_dir).all()):
             raise FloatingPointError("the computed update has non-finite values")
         after = tensor_checksum(self._added(name, value_dir, key_dir))
@@ -140,11 +184,12 @@ class RomeEditor:
             "delta_norm": float(result.delta.norm()),
             "v0_norm": result.v0_norm,
             "update_norm": float(value_dir.norm() * key_dir.norm()),
+            **update_stats,
         }
         return RankOneEdit(
             request=request, layer=hp.layer, param_name=name, value_dir=value_dir.cpu(), key_dir=key_dir.cpu(),
             hparams=hp.to_dict(), fingerprint=self.fingerprint, checksum_before=before, checksum_after=after,
-            stats=stats,
+            stats=stats, key=key.detach().float().cpu(),
         )  # fmt: skip
 
     # ----- weights ----------------------------------------------------------------------

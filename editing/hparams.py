@@ -26,6 +26,9 @@ class RomeHyperParams:
     stats_samples: int = 1000  # corpus texts for C = E[k k^T] (measured: README)
     stats_max_tokens: int = 256  # each text is truncated to this many tokens
     seed: int = 0  # seeds template generation
+    update: str = "r-rome"  # "r-rome" (C⁻¹-weighted) or "alphaedit" (null-space projected, with the key cache)
+    null_space_threshold: float = 2e-2  # alphaedit: eigenvalues of C below this span the editable directions
+    cache_l2: float = 1e-2  # alphaedit: α, the ridge term of the projected solve
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -46,6 +49,9 @@ class RomeHyperParams:
             (1 <= self.value_templates <= 1 + sum(n for _, n in self.templates), "value_templates out of range"),
             (1 <= self.stats_samples <= 10_000_000, "stats_samples must be positive"),
             (self.layer >= 0, "layer must be non-negative"),
+            (self.update in ("r-rome", "alphaedit"), "update must be 'r-rome' or 'alphaedit'"),
+            (self.null_space_threshold > 0, "null_space_threshold must be positive"),
+            (self.cache_l2 > 0, "cache_l2 must be positive"),
         ]
         for ok, message in checks:
             if not ok:
