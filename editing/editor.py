@@ -1,6 +1,7 @@
 """``RomeEditor``: compute, apply and revert rank-one edits on one model."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.arch import get_module, is_transposed, mlp_out_param_name, n_layers, rank_one_delta
 from editing.edit import RankOneEdit
+from editing.memit import BatchEdit, compute_batch
 from editing.fingerprint import model_fingerprint, tensor_checksum
 from editing.nethook import replace_weights
 from editing.hparams import RomeHyperParams, default_hparams
@@ -126,6 +128,8 @@ class RomeEditor:
 
     def _key_dir(self, hp: RomeHyperParams, key: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
         """``(value_dir, key_dir, stats)`` by the update ``hp.update`` names."""
+        if hp.update == "memit":
+            raise ValueError("update 'memit' edits a batch of facts: use compute_batch")
         if hp.update == "r-rome":
             cov = self.cov(hp.layer, hp.stats_samples)
             value_dir, key_dir = rank_one_factors(cov, key, delta, self._cov_lu(hp.layer, hp.stats_samples))
@@ -192,6 +196,36 @@ class RomeEditor:
             stats=stats, key=key.detach().float().cpu(),
         )  # fmt: skip
 
+    def compute_batch(
+        self, requests: list[EditRequest], progress: Progress | None = None, **overrides: object
+    ) -> BatchEdit:
+        """MEMIT: the facts' update spread over ``batch_layers(hp)``; each fact's share its own factors."""
+        return compute_batch(self, requests, progress, **overrides)
+
+    def batch_layers(self, hp: RomeHyperParams) -> tuple[int, ...]:
+        layers = hp.batch_layers or tuple(range(max(0, hp.layer - 4), hp.layer + 1))
+        if any(not 0 <= x < self.n_layers for x in layers) or list(layers) != sorted(set(layers)):
+            raise ValueError(f"batch_layers must be distinct, ascending layers from 0 to {self.n_layers - 1}; got {layers}")
+        return tuple(layers)
+
+    def param_name(self, layer: int) -> str:
+        return mlp_out_param_name(self.model, layer)
+
+    @torch.no_grad()
+    def with_checksums(self, batch: BatchEdit) -> BatchEdit:
+        """``batch`` with each share's checksums: its parameter before the batch, and after adding it in ``edits`` order."""
+        state = {e.param_name: self.model.get_parameter(e.param_name).detach().clone() for e in batch.edits}
+        before = {name: tensor_checksum(t) for name, t in state.items()}
+        facts = []
+        for shares in batch.facts:
+            done = []
+            for e in shares:
+                state[e.param_name] = self._added(e.param_name, e.value_dir, e.key_dir, state[e.param_name])
+                done.append(dataclasses.replace(e, checksum_before=before[e.param_name],
+                                                checksum_after=tensor_checksum(state[e.param_name])))  # fmt: skip
+            facts.append(tuple(done))
+        return dataclasses.replace(batch, facts=tuple(facts))
+
     # ----- weights ----------------------------------------------------------------------
     def _added(
         self, name: str, value_dir: torch.Tensor, key_dir: torch.Tensor, base: torch.Tensor | None = None
@@ -216,8 +250,12 @@ class RomeEditor:
             raise ValueError(f"edit factors do not fit {edit.param_name} {tuple(shape)}")
 
     @torch.no_grad()
-    def apply(self, edit: RankOneEdit) -> str:
-        """Add ``edit`` on top of the applied ones; return the parameter's new checksum."""
+    def apply(self, edit: RankOneEdit | BatchEdit) -> str:
+        """Add ``edit`` (or every share of a batch) on top of the applied ones; return the (last) parameter's checksum."""
+        if isinstance(edit, BatchEdit):
+            for share in edit.edits:
+                self._check(share)
+            return [self.apply(share) for share in edit.edits][-1]
         self._check(edit)
         if any(e is edit for e in self._applied):
             raise ValueError("this edit is already applied")
@@ -228,12 +266,13 @@ class RomeEditor:
         return tensor_checksum(param)
 
     @torch.no_grad()
-    def revert(self, edit: RankOneEdit) -> str:
-        """Remove ``edit``: rebuild its parameter from the baseline plus the remaining edits, in order."""
-        if not any(e is edit for e in self._applied):
+    def revert(self, edit: RankOneEdit | BatchEdit) -> str:
+        """Remove ``edit`` (or a batch's shares): rebuild its parameters from the baseline plus the remaining edits."""
+        removed = edit.edits if isinstance(edit, BatchEdit) else (edit,)
+        if not all(any(e is r for e in self._applied) for r in removed):
             raise ValueError("this edit is not applied")
-        self._applied = [e for e in self._applied if e is not edit]
-        return self._rebuild(edit.param_name)
+        self._applied = [e for e in self._applied if not any(e is r for r in removed)]
+        return [self._rebuild(name) for name in dict.fromkeys(r.param_name for r in removed)][-1]
 
     @torch.no_grad()
     def _rebuild(self, name: str) -> str:

@@ -22,6 +22,7 @@ from editing.datasets import Case, load_cases, sample_cases
 from editing.editor import RomeEditor
 from editing.fingerprint import tensor_checksum
 from editing.ftl import FineTuneL, FTLHyperParams
+from editing.projection import UPDATES
 from editing.metrics import METRICS, CaseScores, GenerationSettings, aggregate, score_case
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,14 @@ class Method(Protocol):
 
 
 class RomeMethod:
-    name = "ROME"
+    """ROME with the update ``update`` names: "r-rome" (row "ROME") or "alphaedit" (row "AlphaEdit")."""
 
-    def __init__(self, editor: RomeEditor, layer: int) -> None:
-        self.editor, self.layer = editor, layer
+    def __init__(self, editor: RomeEditor, layer: int, update: str = "r-rome") -> None:
+        self.editor, self.layer, self.update = editor, layer, update
+        self.name = "ROME" if update == "r-rome" else "AlphaEdit"
 
     def apply(self, case: Case) -> float:
-        edit = self.editor.compute(case.request(), layer=self.layer)
+        edit = self.editor.compute(case.request(), layer=self.layer, update=self.update)
         self.editor.apply(edit)
         return edit.update_norm
 
@@ -210,6 +212,7 @@ def run_evaluation(
     ftl: FTLHyperParams | bool = True,
     generation: GenerationSettings = GenerationSettings(),
     checkpoints: int = 10,
+    updates: Sequence[str] = ("r-rome",),
 ) -> EvalResult:
     """Score the unedited model, FT-L (unless ``ftl`` is false) and ROME on a seeded sample of ``n`` cases.
 
@@ -227,7 +230,7 @@ def run_evaluation(
     editor.context_templates()
     ftl_hp = ftl if isinstance(ftl, FTLHyperParams) else FTLHyperParams(layer) if ftl else None
     methods: list[Method] = [] if ftl_hp is None else [FineTuneL(model, tok, ftl_hp)]
-    methods.append(RomeMethod(editor, layer))
+    methods.extend(RomeMethod(editor, layer, update) for update in updates)
     m = len(sample)
     total = m if mode == "independent" else m + len(methods) * (m + sum(_checkpoints(m, checkpoints)))
     run = _Run(model, tok, sample, seed, generation, progress, total)
@@ -242,7 +245,8 @@ def run_evaluation(
     if tensor_checksum(model.get_parameter(mlp_out_param_name(model, layer))) != checksum:
         raise RuntimeError("the evaluation did not restore the model's weights")
     names = [UNEDITED, *(m.name for m in methods)]
-    config = {"generation": asdict(generation), "ftl": None if ftl_hp is None else ftl_hp.to_dict()}
+    config = {"generation": asdict(generation), "ftl": None if ftl_hp is None else ftl_hp.to_dict(),
+              "hparams": editor.hparams.to_dict(), "updates": list(updates)}  # fmt: skip
     return EvalResult(
         mode=mode, n=len(sample), seed=seed, layer=layer, cases=tuple(results),
         rows={name: aggregate([r.scores[name] for r in results]) for name in names},
@@ -308,6 +312,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the sequential curves")
     parser.add_argument("--gen-tokens", type=int, default=64, help="tokens generated for fluency (0: off)")
     parser.add_argument("--checkpoints", type=int, default=10, help="sequential measurements along the way")
+    parser.add_argument("--update", nargs="+", choices=UPDATES, default=["r-rome"],
+                        help="update rule(s), compared side by side (default r-rome)")
+    parser.add_argument("--null-space-threshold", type=float, default=None, help="alphaedit's eigenvalue threshold")
     return parser
 
 
@@ -336,11 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{args.data} holds no usable case ({skipped.count} skipped)")
         model, tok = load_model(args.model)
         editor = RomeEditor(model, tok)
+        if args.null_space_threshold is not None:
+            editor.hparams = editor.hparams.replace(null_space_threshold=args.null_space_threshold)
         with logging_redirect_tqdm():
             result = run_evaluation(
                 model, tok, editor, cases, args.mode, args.n, args.seed, args.layer, progress,
                 ftl=not args.no_ftl, generation=GenerationSettings(max_new_tokens=args.gen_tokens),
-                checkpoints=args.checkpoints,
+                checkpoints=args.checkpoints, updates=args.update,
             )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)

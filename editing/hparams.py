@@ -29,6 +29,8 @@ class RomeHyperParams:
     update: str = "r-rome"  # "r-rome" (C⁻¹-weighted) or "alphaedit" (null-space projected, with the key cache)
     null_space_threshold: float = 2e-2  # alphaedit: eigenvalues of C below this span the editable directions
     cache_l2: float = 1e-2  # alphaedit: α, the ridge term of the projected solve
+    batch_layers: tuple[int, ...] = ()  # memit: layers a batch is spread over (empty: the 5 ending at ``layer``)
+    mom2_weight: float = 1e3  # memit: λ in ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -49,7 +51,9 @@ class RomeHyperParams:
             (1 <= self.value_templates <= 1 + sum(n for _, n in self.templates), "value_templates out of range"),
             (1 <= self.stats_samples <= 10_000_000, "stats_samples must be positive"),
             (self.layer >= 0, "layer must be non-negative"),
-            (self.update in ("r-rome", "alphaedit"), "update must be 'r-rome' or 'alphaedit'"),
+            (self.update in ("r-rome", "alphaedit", "memit"), "update must be 'r-rome', 'alphaedit' or 'memit'"),
+            (self.mom2_weight > 0, "mom2_weight must be positive"),
+            (all(isinstance(x, int) and x >= 0 for x in self.batch_layers), "batch_layers must be layer numbers"),
             (self.null_space_threshold > 0, "null_space_threshold must be positive"),
             (self.cache_l2 > 0, "cache_l2 must be positive"),
         ]
@@ -73,6 +77,8 @@ class RomeHyperParams:
         clean = {k: v for k, v in data.items() if k in known}
         if "templates" in clean:
             clean["templates"] = tuple(tuple(t) for t in clean["templates"])
+        if "batch_layers" in clean:
+            clean["batch_layers"] = tuple(clean["batch_layers"])
         return cls(**clean)
 
 
