@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing import EditRequest
+from editing import EditRequest, RomeEditor
 from editing.arch import get_module, is_transposed
 from tests.tiny import tiny_editor, tiny_gpt2, tiny_llama, tiny_tokenizer
 
@@ -15,13 +15,25 @@ FACTS = [
 ]
 
 
-@pytest.fixture(params=["llama", "gpt2"])
-def setup(request):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def computed(request):  # type: ignore[no-untyped-def]
+    """One batch per model, computed once (the slow part); each test starts from the unedited weights."""
     tok = tiny_tokenizer()
     model = tiny_llama() if request.param == "llama" else tiny_gpt2()
     editor = tiny_editor(model, tok, layer=2 if request.param == "llama" else 1, steps=12)
     editor.hparams = editor.hparams.replace(batch_layers=(0, 1), mom2_weight=1.0)
-    return model, tok, editor
+    before = state(model)
+    p_before = target_prob(model, tok, FACTS[0].prompt, FACTS[0].target)
+    batch = editor.compute_batch(FACTS)
+    after_compute = state(model)
+    return model, tok, editor, before, p_before, batch, after_compute
+
+
+@pytest.fixture
+def setup(computed):  # type: ignore[no-untyped-def]
+    computed[2].reset()
+    yield computed
+    computed[2].reset()
 
 
 def state(model) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -40,11 +52,8 @@ def target_prob(model, tok, prompt: str, target: str) -> float:  # type: ignore[
 
 
 def test_batch_leaves_weights_unchanged_and_lands(setup) -> None:  # type: ignore[no-untyped-def]
-    model, tok, editor = setup
-    before = state(model)
-    p_before = target_prob(model, tok, FACTS[0].prompt, FACTS[0].target)
-    batch = editor.compute_batch(FACTS)
-    assert all(torch.equal(before[k], v) for k, v in state(model).items())
+    model, tok, editor, before, p_before, batch, after_compute = setup
+    assert all(torch.equal(before[k], v) for k, v in after_compute.items())
     assert not editor.applied
     editor.apply(batch)
     assert len(editor.applied) == len(FACTS) * 2
@@ -55,9 +64,7 @@ def test_batch_leaves_weights_unchanged_and_lands(setup) -> None:  # type: ignor
 
 
 def test_per_fact_factors_sum_to_the_batch_update(setup) -> None:  # type: ignore[no-untyped-def]
-    model, tok, editor = setup
-    base = state(model)
-    batch = editor.compute_batch(FACTS)
+    model, tok, editor, base, _, batch, _ = setup
     editor.apply(batch)
     hp = editor.hparams
     for j, layer in enumerate(editor.batch_layers(hp)):
@@ -74,25 +81,22 @@ def test_per_fact_factors_sum_to_the_batch_update(setup) -> None:  # type: ignor
 
 
 def test_reverting_one_fact_equals_rebuild_from_the_others(setup) -> None:  # type: ignore[no-untyped-def]
-    model, tok, editor = setup
-    base = state(model)
-    batch = editor.compute_batch(FACTS)
+    model, tok, editor, base, _, batch, _ = setup
     editor.apply(batch)
     editor.revert(batch.fact(1))
     reverted = state(model)
     assert len(editor.applied) == 4 and all(e.stats["batch"]["fact"] != 1 for e in editor.applied)
-    model.load_state_dict(base)
-    fresh = tiny_editor(model, tok, layer=editor.hparams.layer)
-    fresh.rebuild([*batch.fact(0).edits, *batch.fact(2).edits])
-    assert all(torch.equal(reverted[k], v) for k, v in state(model).items())
     editor.revert(batch.fact(0))
     editor.revert(batch.fact(2))
     assert all(torch.equal(base[k], v) for k, v in state(model).items())
+    fresh = RomeEditor(model, tok, editor.hparams, fingerprint=editor.fingerprint)  # from the baseline
+    fresh.rebuild([*batch.fact(0).edits, *batch.fact(2).edits])
+    assert all(torch.equal(reverted[k], v) for k, v in state(model).items())
+    fresh.reset()
 
 
 def test_checksums_follow_the_apply_order(setup) -> None:  # type: ignore[no-untyped-def]
-    model, tok, editor = setup
-    batch = editor.compute_batch(FACTS[:2])
+    model, tok, editor, _, _, batch, _ = setup
     last = {}
     for share in batch.edits:
         last[share.param_name] = editor.apply(share)
@@ -100,7 +104,7 @@ def test_checksums_follow_the_apply_order(setup) -> None:  # type: ignore[no-unt
 
 
 def test_duplicate_facts_and_bad_layers_are_refused(setup) -> None:  # type: ignore[no-untyped-def]
-    model, tok, editor = setup
+    model, tok, editor = setup[:3]
     with pytest.raises(ValueError, match="same subject and relation"):
         editor.compute_batch([FACTS[0], EditRequest("The Eiffel tower", "Located in {}", "london")])
     with pytest.raises(ValueError, match="batch_layers"):
