@@ -1,6 +1,7 @@
 """``RankOneEdit``: an edit as a value (request + rank-one factors + provenance)."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class RankOneEdit:
     checksum_before: str
     checksum_after: str
     stats: dict[str, Any] = field(default_factory=dict)
+    key: torch.Tensor | None = None  # (d_in,) k*, kept so the key cache of a layer can be rebuilt from its edits
 
     @property
     def update_norm(self) -> float:
@@ -60,6 +62,7 @@ class RankOneEdit:
             "key_shape": [int(self.key_dir.numel())],
             "dtype": "float32-le",
             "factors_sha256": hashlib.sha256(self.factors_bytes()).hexdigest(),
+            **({} if self.key is None else {"key_star": _encode(self.key)}),
         }
 
     def to_payload(self) -> tuple[dict[str, Any], bytes]:
@@ -91,6 +94,7 @@ class RankOneEdit:
                 checksum_before=str(meta["checksum_before"]),
                 checksum_after=str(meta["checksum_after"]),
                 stats=dict(meta.get("stats", {})),
+                key=None if meta.get("key_star") is None else _decode(meta["key_star"], n_key),
             )
         except (KeyError, TypeError, IndexError) as err:
             raise ValueError(f"malformed edit record: {err!r}") from err
@@ -113,3 +117,23 @@ class RankOneEdit:
         if not isinstance(meta, dict):
             raise ValueError("edit blob header is not an object")
         return cls.from_payload(meta, blob[4 + n :])
+
+
+def _encode(vector: torch.Tensor) -> str:
+    """float32 little-endian bytes in base64: compact and exact inside the JSON meta."""
+    return base64.b64encode(vector.detach().cpu().float().numpy().astype("<f4").tobytes()).decode("ascii")
+
+
+def _decode(text: object, size: int) -> torch.Tensor:
+    if not isinstance(text, str):
+        raise ValueError("meta['key_star'] must be base64 text")
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as err:
+        raise ValueError(f"meta['key_star'] is not base64: {err}") from err
+    if len(raw) != 4 * size:
+        raise ValueError(f"meta['key_star'] holds {len(raw) // 4} numbers, the key has {size}")
+    key = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
+    if not torch.isfinite(key).all():
+        raise ValueError("meta['key_star'] contains non-finite values")
+    return key

@@ -1,6 +1,7 @@
 """``RomeEditor``: compute, apply and revert rank-one edits on one model."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -14,8 +15,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from editing.arch import get_module, is_transposed, mlp_out_param_name, n_layers, rank_one_delta
 from editing.edit import RankOneEdit
 from editing.fingerprint import identify_model, tensor_checksum
+from editing.memit import BatchEdit, compute_batch
 from editing.nethook import replace_weights
 from editing.hparams import RomeHyperParams, default_hparams
+from editing.projection import Projection, null_space_projection, projected_key_dir, recover_key, stack_keys
 from editing.request import EditRequest
 from editing.rome import Progress, compute_key, factor_cov, rank_one_factors
 from editing.rows import Row, key_row, kl_row, rewrite_row
@@ -59,6 +62,7 @@ class RomeEditor:
         self._lus: dict[tuple[int, int], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._template_sets: dict[tuple[tuple[tuple[int, int], ...], int], list[str]] = {}  # (templates, seed) -> list
         self._local = threading.local()  # .view: this thread's parameter overrides (see ``view``)
+        self._projections: dict[tuple[int, int, float], tuple[torch.Tensor, Projection]] = {}
 
     # ----- preparation -------------------------------------------------------------
     def hparams_for(self, request: EditRequest, **overrides: object) -> RomeHyperParams:
@@ -108,6 +112,51 @@ class RomeEditor:
             cached = self._lus[(layer, n_samples)] = (cov, factor_cov(cov))
         return cached[1]
 
+    def projection(self, layer: int, n_samples: int, threshold: float) -> Projection:
+        """AlphaEdit's P for ``cov(layer, n_samples)``, cached for as long as that matrix is the one in use."""
+        cov = self.cov(layer, n_samples)
+        cached = self._projections.get((layer, n_samples, threshold))
+        if cached is None or cached[0] is not cov:
+            cached = self._projections[(layer, n_samples, threshold)] = (cov, null_space_projection(cov, threshold))
+        return cached[1]
+
+    def key_cache(self, layer: int) -> torch.Tensor:
+        """(d_in, n): the keys k* of the edits applied at ``layer``, in order, derived from ``applied``.
+
+        Because it is derived, revert, re-apply, ``rebuild`` and ``reset`` keep it exact. An edit
+        stored without its key (made before keys were kept) is an r-ROME edit: its key is recovered
+        from its factors and that layer's statistics.
+        """
+        name = mlp_out_param_name(self.model, layer)
+        hidden = getattr(self._local, "without", ())  # inside ``view(without=...)``: those edits are not applied
+        keys = []
+        for edit in self._applied:
+            if edit.param_name != name or any(edit is w for w in hidden):
+                continue
+            if edit.key is None:
+                samples = int(edit.hparams.get("stats_samples", self.hparams.stats_samples))
+                keys.append(recover_key(edit.value_dir, edit.key_dir, self.cov(layer, samples)))
+            else:
+                keys.append(edit.key)
+        return stack_keys(keys, self.model.get_parameter(name).shape[self._in_axis(name)])
+
+    def _in_axis(self, name: str) -> int:
+        return 0 if is_transposed(get_module(self.model, name.rsplit(".", 1)[0])) else 1
+
+    def _key_dir(self, hp: RomeHyperParams, key: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+        """``(value_dir, key_dir, stats)`` by the update ``hp.update`` names."""
+        if hp.update == "memit":
+            raise ValueError("update 'memit' edits a batch of facts: use compute_batch")
+        if hp.update == "r-rome":
+            cov = self.cov(hp.layer, hp.stats_samples)
+            value_dir, key_dir = rank_one_factors(cov, key, delta, self._cov_lu(hp.layer, hp.stats_samples))
+            return value_dir, key_dir, {}
+        projection = self.projection(hp.layer, hp.stats_samples, hp.null_space_threshold)
+        cache = self.key_cache(hp.layer)
+        key_dir = projected_key_dir(key, projection, cache, hp.cache_l2).to(key.device)
+        stats = {"projection_dims": projection.dims, "cache_keys": int(cache.shape[1])}
+        return delta.detach().float().clone(), key_dir, stats
+
     def rows(self, request: EditRequest, hp: RomeHyperParams) -> tuple[list[Row], list[Row], Row]:
         """Key rows, value rows and the KL row; raises ``ValueError`` if the request does not tokenise."""
         templates = self.context_templates(hp)
@@ -142,7 +191,7 @@ class RomeEditor:
         key_rows, value_rows, kl = self.rows(request, hp)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        cov = self.cov(hp.layer, hp.stats_samples, progress)
+        self.cov(hp.layer, hp.stats_samples, progress)  # computed (or read from disk) before the clock below
         timings["stats_s"] = time.perf_counter() - t0
         name = mlp_out_param_name(self.model, hp.layer)
         param = self._current(name)
@@ -157,7 +206,7 @@ class RomeEditor:
             self.model, hp, key, value_rows, kl, self.tok.pad_token_id, self.method, progress, self._stop_rule(request, hp)
         )
         timings["value_s"] = time.perf_counter() - t0
-        value_dir, key_dir = rank_one_factors(cov, key, result.delta, self._cov_lu(hp.layer, hp.stats_samples))
+        value_dir, key_dir, update_stats = self._key_dir(hp, key, result.delta)
         if not (torch.isfinite(value_dir).all() and torch.isfinite(key_dir).all()):
             raise FloatingPointError("the computed update has non-finite values")
         after = tensor_checksum(self._added(name, value_dir, key_dir, param))
@@ -171,12 +220,43 @@ class RomeEditor:
             "delta_norm": float(result.delta.norm()),
             "v0_norm": result.v0_norm,
             "update_norm": float(value_dir.norm() * key_dir.norm()),
+            **update_stats,
         }
         return RankOneEdit(
             request=request, layer=hp.layer, param_name=name, value_dir=value_dir.cpu(), key_dir=key_dir.cpu(),
             hparams=hp.to_dict(), fingerprint=self.fingerprint, checksum_before=before, checksum_after=after,
-            stats=stats,
+            stats=stats, key=key.detach().float().cpu(),
         )  # fmt: skip
+
+    def compute_batch(
+        self, requests: list[EditRequest], progress: Progress | None = None, **overrides: object
+    ) -> BatchEdit:
+        """MEMIT: the facts' update spread over ``batch_layers(hp)``; each fact's share its own factors."""
+        return compute_batch(self, requests, progress, **overrides)
+
+    def batch_layers(self, hp: RomeHyperParams) -> tuple[int, ...]:
+        layers = hp.batch_layers or tuple(range(max(0, hp.layer - 4), hp.layer + 1))
+        if any(not 0 <= x < self.n_layers for x in layers) or list(layers) != sorted(set(layers)):
+            raise ValueError(f"batch_layers must be distinct, ascending layers from 0 to {self.n_layers - 1}; got {layers}")
+        return tuple(layers)
+
+    def param_name(self, layer: int) -> str:
+        return mlp_out_param_name(self.model, layer)
+
+    @torch.no_grad()
+    def with_checksums(self, batch: BatchEdit) -> BatchEdit:
+        """``batch`` with each share's checksums: its parameter before the batch, and after adding it in ``edits`` order."""
+        state = {e.param_name: self.model.get_parameter(e.param_name).detach().clone() for e in batch.edits}
+        before = {name: tensor_checksum(t) for name, t in state.items()}
+        facts = []
+        for shares in batch.facts:
+            done = []
+            for e in shares:
+                state[e.param_name] = self._added(e.param_name, e.value_dir, e.key_dir, state[e.param_name])
+                done.append(dataclasses.replace(e, checksum_before=before[e.param_name],
+                                                checksum_after=tensor_checksum(state[e.param_name])))  # fmt: skip
+            facts.append(tuple(done))
+        return dataclasses.replace(batch, facts=tuple(facts))
 
     # ----- weights ----------------------------------------------------------------------
     def _current(self, name: str) -> torch.Tensor:
@@ -208,12 +288,12 @@ class RomeEditor:
             return
         kept = [e for e in self._applied if not any(e is w for w in without)] + list(extra)
         state = {name: self._sum(name, kept) for name in names}
-        self._local.view = state
+        self._local.view, self._local.without = state, tuple(without)
         try:
             with replace_weights(self.model, state):
                 yield
         finally:
-            self._local.view = None
+            self._local.view, self._local.without = None, ()
 
     def _added(
         self, name: str, value_dir: torch.Tensor, key_dir: torch.Tensor, base: torch.Tensor | None = None
@@ -238,8 +318,12 @@ class RomeEditor:
             raise ValueError(f"edit factors do not fit {edit.param_name} {tuple(shape)}")
 
     @torch.no_grad()
-    def apply(self, edit: RankOneEdit) -> str:
-        """Add ``edit`` on top of the applied ones; return the parameter's new checksum."""
+    def apply(self, edit: RankOneEdit | BatchEdit) -> str:
+        """Add ``edit`` (or every share of a batch) on top of the applied ones; return the (last) parameter's checksum."""
+        if isinstance(edit, BatchEdit):
+            for share in edit.edits:
+                self._check(share)
+            return [self.apply(share) for share in edit.edits][-1]
         self._check(edit)
         if any(e is edit for e in self._applied):
             raise ValueError("this edit is already applied")
@@ -250,12 +334,13 @@ class RomeEditor:
         return tensor_checksum(param)
 
     @torch.no_grad()
-    def revert(self, edit: RankOneEdit) -> str:
-        """Remove ``edit``: rebuild its parameter from the baseline plus the remaining edits, in order."""
-        if not any(e is edit for e in self._applied):
+    def revert(self, edit: RankOneEdit | BatchEdit) -> str:
+        """Remove ``edit`` (or a batch's shares): rebuild its parameters from the baseline plus the remaining edits."""
+        removed = edit.edits if isinstance(edit, BatchEdit) else (edit,)
+        if not all(any(e is r for e in self._applied) for r in removed):
             raise ValueError("this edit is not applied")
-        self._applied = [e for e in self._applied if e is not edit]
-        return self._rebuild(edit.param_name)
+        self._applied = [e for e in self._applied if not any(e is r for r in removed)]
+        return [self._rebuild(name) for name in dict.fromkeys(r.param_name for r in removed)][-1]
 
     @torch.no_grad()
     def _rebuild(self, name: str) -> str:

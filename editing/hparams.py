@@ -37,6 +37,11 @@ class RomeHyperParams:
     chat_keys: int = 0  # chat-wrapped contexts added to the key average
     stop_on: str = "mean"  # early stop when the "mean" or the "worst" value prompt's NLL is below early_stop_loss
     greedy_check: int = 0  # >0: also stop only once the greedy answer is the target; at most this many extra steps
+    update: str = "r-rome"  # "r-rome" (C⁻¹-weighted) or "alphaedit" (null-space projected, with the key cache)
+    null_space_threshold: float = 2e-2  # alphaedit: eigenvalues of C below this span the editable directions
+    cache_l2: float = 1e-2  # alphaedit: α, the ridge term of the projected solve
+    batch_layers: tuple[int, ...] = ()  # memit: layers a batch is spread over (empty: the 5 ending at ``layer``)
+    mom2_weight: float = 1e3  # memit: λ in ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -64,6 +69,11 @@ class RomeHyperParams:
             (0 <= self.chat_keys <= 8, "chat_keys must be between 0 and 8"),
             (self.stop_on in ("mean", "worst"), "stop_on must be 'mean' or 'worst'"),
             (0 <= self.greedy_check <= 50, "greedy_check must be between 0 and 50 extra steps"),
+            (self.update in ("r-rome", "alphaedit", "memit"), "update must be 'r-rome', 'alphaedit' or 'memit'"),
+            (self.mom2_weight > 0, "mom2_weight must be positive"),
+            (all(isinstance(x, int) and x >= 0 for x in self.batch_layers), "batch_layers must be layer numbers"),
+            (self.null_space_threshold > 0, "null_space_threshold must be positive"),
+            (self.cache_l2 > 0, "cache_l2 must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -85,6 +95,8 @@ class RomeHyperParams:
         clean = {k: v for k, v in data.items() if k in known}
         if "templates" in clean:
             clean["templates"] = tuple(tuple(t) for t in clean["templates"])
+        if "batch_layers" in clean:
+            clean["batch_layers"] = tuple(clean["batch_layers"])
         return cls(**clean)
 
 

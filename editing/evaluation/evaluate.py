@@ -24,6 +24,7 @@ from editing.fingerprint import tensor_checksum
 from editing.evaluation.ftl import FineTuneL, FTLHyperParams
 from editing.evaluation.chat_metrics import GEN_METRICS, GenSettings
 from editing.generation import ChatSettings
+from editing.projection import UPDATES
 from editing.evaluation.metrics import METRICS, CaseScores, GenerationSettings, aggregate, score_case
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,15 @@ class Method(Protocol):
 
 
 class RomeMethod:
-    name = "ROME"
+    """ROME with the update ``update`` names: "r-rome" (row "ROME") or "alphaedit" (row "AlphaEdit")."""
 
-    def __init__(self, editor: RomeEditor, layer: int, overrides: dict[str, Any] | None = None) -> None:
-        self.editor, self.layer, self.overrides = editor, layer, dict(overrides or {})
+    def __init__(self, editor: RomeEditor, layer: int, overrides: dict[str, Any] | None = None,
+                 update: str = "r-rome") -> None:  # fmt: skip
+        self.editor, self.layer, self.overrides, self.update = editor, layer, dict(overrides or {}), update
+        self.name = "ROME" if update == "r-rome" else "AlphaEdit"
 
     def apply(self, case: Case) -> float:
-        edit = self.editor.compute(case.request(), **{**self.overrides, "layer": self.layer})
+        edit = self.editor.compute(case.request(), **{**self.overrides, "layer": self.layer, "update": self.update})
         self.editor.apply(edit)
         return edit.update_norm
 
@@ -225,6 +228,7 @@ def run_evaluation(
     checkpoints: int = 10,
     said: GenSettings | None = None,
     rome_overrides: dict[str, Any] | None = None,
+    updates: Sequence[str] = ("r-rome",),
 ) -> EvalResult:
     """Score the unedited model, FT-L (unless ``ftl`` is false) and ROME on a seeded sample of ``n`` cases.
 
@@ -247,7 +251,7 @@ def run_evaluation(
     methods: list[Method] = [] if ftl_hp is None else [FineTuneL(model, tok, ftl_hp)]
     if rome_overrides:
         editor.hparams.replace(**rome_overrides)  # unknown or bad values fail here, before the run
-    methods.append(RomeMethod(editor, layer, rome_overrides))
+    methods.extend(RomeMethod(editor, layer, rome_overrides, update) for update in updates)
     m = len(sample)
     total = m if mode == "independent" else m + len(methods) * (m + sum(_checkpoints(m, checkpoints)))
     run = _Run(model, tok, sample, seed, generation, progress, total, said=said)
@@ -263,7 +267,8 @@ def run_evaluation(
         raise RuntimeError("the evaluation did not restore the model's weights")
     names = [UNEDITED, *(m.name for m in methods)]
     config = {"generation": asdict(generation), "ftl": None if ftl_hp is None else ftl_hp.to_dict(),
-              "said": None if said is None else asdict(said), "rome_overrides": dict(rome_overrides or {})}  # fmt: skip
+              "said": None if said is None else asdict(said), "rome_overrides": dict(rome_overrides or {}),
+              "hparams": editor.hparams.to_dict(), "updates": list(updates)}  # fmt: skip
     return EvalResult(
         mode=mode, n=len(sample), seed=seed, layer=layer, cases=tuple(results),
         rows={name: aggregate([r.scores[name] for r in results]) for name in names},
@@ -334,6 +339,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="reply length of the chat metrics CE/CO/NC, with the app's chat settings (0: no generation metrics)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a ROME hyperparameter for the edits, e.g. --set stop_on=worst (repeatable)")
+    parser.add_argument("--update", nargs="+", choices=UPDATES, default=["r-rome"],
+                        help="update rule(s), compared side by side (default r-rome)")
+    parser.add_argument("--null-space-threshold", type=float, default=None, help="alphaedit's eigenvalue threshold")
     return parser
 
 
@@ -376,11 +384,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{args.data} holds no usable case ({skipped.count} skipped)")
         model, tok = load_model(args.model)
         editor = RomeEditor(model, tok)
+        if args.null_space_threshold is not None:
+            editor.hparams = editor.hparams.replace(null_space_threshold=args.null_space_threshold)
         with logging_redirect_tqdm():
             result = run_evaluation(
                 model, tok, editor, cases, args.mode, args.n, args.seed, args.layer, progress,
                 ftl=not args.no_ftl, generation=GenerationSettings(max_new_tokens=args.gen_tokens),
-                checkpoints=args.checkpoints, rome_overrides=_overrides(args.set),
+                checkpoints=args.checkpoints, rome_overrides=_overrides(args.set), updates=args.update,
                 said=GenSettings(chat=ChatSettings(max_new_tokens=args.chat_tokens)) if args.chat_tokens > 0 else None,
             )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:

@@ -1,0 +1,159 @@
+"""MEMIT batch edits (Meng et al. 2023): many facts at once, spread over several layers.
+
+For each fact i the value optimisation finds δ_i, the change of the residual stream after the
+last edited layer L at the subject's last token that makes the model say the target; z_i is
+that residual plus δ_i. Then, layer by layer (lowest first, each layer's update applied before
+the next layer's keys are read), with K (d_in, n) the facts' keys and R (d_out, n) the residual
+still missing at L divided by the number of layers left:
+
+    ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹ = Σ_i r_i (M k_i)ᵀ,   M = (λ C_l + K Kᵀ)⁻¹  (symmetric)
+
+so fact i's share of layer l is the rank-one ``r_i ⊗ M k_i``: a ``RankOneEdit`` of its own. A
+``BatchEdit`` is these shares; reverting one fact removes its shares and rebuilds exactly from
+the others (the other facts keep the shares computed with it in K, as stored).
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from editing.arch import layer_name
+from editing.edit import RankOneEdit
+from editing.nethook import edit_output
+from editing.rome import Progress, compute_key, pad_batch
+from editing.rows import Row
+
+if TYPE_CHECKING:
+    from editing.editor import RomeEditor
+    from editing.request import EditRequest
+
+
+@dataclass(frozen=True, eq=False)
+class BatchEdit:
+    """Facts edited together; ``facts[i]`` holds fact i's share at each layer, lowest layer first."""
+
+    batch_id: str
+    facts: tuple[tuple[RankOneEdit, ...], ...]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def edits(self) -> tuple[RankOneEdit, ...]:
+        """Every share, in the order ``editor.apply`` adds them (fact by fact)."""
+        return tuple(e for shares in self.facts for e in shares)
+
+    @property
+    def requests(self) -> tuple[EditRequest, ...]:
+        return tuple(shares[0].request for shares in self.facts)
+
+    def fact(self, index: int) -> BatchEdit:
+        """Fact ``index`` alone, as a batch of one (to revert or re-apply it by itself)."""
+        return BatchEdit(self.batch_id, (self.facts[index],), self.stats)
+
+
+@torch.no_grad()
+def hidden_after(model: torch.nn.Module, layer: int, rows: Sequence[Row], pad_id: int) -> torch.Tensor:
+    """The residual stream after block ``layer`` at each row's ``lookup``, averaged over rows. (d,) float32."""
+    device = next(model.parameters()).device
+    ids, mask = pad_batch([r.input_ids for r in rows], pad_id, device)
+    box: dict[str, torch.Tensor] = {}
+
+    def record(out: torch.Tensor) -> None:
+        box["out"] = out.detach()
+
+    with edit_output(model, layer_name(model, layer), record):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    lookups = torch.tensor([r.lookup for r in rows], device=device)
+    return box["out"][torch.arange(len(rows), device=device), lookups].float().mean(0)
+
+
+def layer_shares(
+    cov: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, key_dirs)``: ``values`` = R (d_out, n), ``key_dirs`` = M K (d_in, n), so ΔW = values @ key_dirsᵀ.
+
+    Solved in float64 on the CPU; returned in float32.
+    """
+    k = keys.double().cpu()
+    system = weight * cov.double().cpu() + k @ k.T  # (d_in, d_in), symmetric positive definite
+    key_dirs = torch.linalg.solve(system, k)  # (d_in, n)
+    return resid.float().cpu(), key_dirs.float()
+
+
+def new_batch_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def share_stats(batch_id: str, index: int, size: int, layers: Sequence[int], extra: dict[str, Any]) -> dict[str, Any]:
+    """What each share records in its stats (and so in the ledger's meta): the batch it belongs to."""
+    return {**extra, "batch": {"id": batch_id, "fact": index, "size": size, "layers": list(layers)}}
+
+
+def keys_at(editor: RomeEditor, layer: int, key_rows: Sequence[Sequence[Row]], progress: Progress | None) -> torch.Tensor:
+    """(d_in, n): each fact's key k* at ``layer`` on the current weights."""
+    cols = []
+    for i, rows in enumerate(key_rows):
+        cols.append(compute_key(editor.model, layer, rows, editor.tok.pad_token_id).cpu())
+        if progress is not None:
+            progress(f"keys L{layer}", (i + 1) / len(key_rows))
+    return torch.stack(cols, 1)
+
+
+def _check_requests(requests: Sequence[EditRequest]) -> None:
+    if not requests:
+        raise ValueError("a batch needs at least one fact")
+    seen: dict[tuple[str, str], int] = {}
+    for i, r in enumerate(requests):
+        key = (r.subject.casefold(), r.relation.casefold())
+        if key in seen:
+            raise ValueError(f"facts {seen[key] + 1} and {i + 1} have the same subject and relation ({r.prompt!r})")
+        seen[key] = i
+
+
+def compute_batch(
+    editor: RomeEditor, requests: Sequence[EditRequest], progress: Progress | None = None, **overrides: object
+) -> BatchEdit:
+    """MEMIT over ``hp.batch_layers`` for ``requests`` on the current weights; the weights are unchanged on return."""
+    from editing.value import optimise_value  # value imports rome; keep this module's import graph flat
+
+    _check_requests(requests)
+    hp = editor.hparams_for(requests[0], **overrides)
+    layers = editor.batch_layers(hp)
+    rows = [editor.rows(r, hp) for r in requests]
+    model, pad, last = editor.model, editor.tok.pad_token_id, layers[-1]
+    for layer in layers:
+        editor.cov(layer, hp.stats_samples, progress)
+    targets = []  # z_i: the residual after the last layer that says the target
+    for i, (key_rows, value_rows, kl) in enumerate(rows):
+        key = compute_key(model, last, key_rows, pad)
+        result = optimise_value(model, hp.replace(layer=last), key, value_rows, kl, pad, editor.method)
+        targets.append(hidden_after(model, last, key_rows, pad).cpu() + result.delta.cpu())
+        if progress is not None:
+            progress("value", (i + 1) / len(rows))
+    z = torch.stack(targets, 1)  # (d, n)
+    batch_id = new_batch_id()
+    saved = editor.applied
+    shares: list[list[RankOneEdit]] = [[] for _ in requests]
+    try:
+        for j, layer in enumerate(layers):
+            keys = keys_at(editor, layer, [r[0] for r in rows], progress)
+            now = torch.stack([hidden_after(model, last, r[0], pad).cpu() for r in rows], 1)
+            resid = (z - now) / (len(layers) - j)
+            values, key_dirs = layer_shares(editor.cov(layer, hp.stats_samples), keys, resid, hp.mom2_weight)
+            name = editor.param_name(layer)
+            layer_hp = {**hp.replace(layer=layer).to_dict(), "update": "memit", "batch_layers": list(layers)}
+            for i, request in enumerate(requests):
+                extra = {"update_norm": float(values[:, i].norm() * key_dirs[:, i].norm())}
+                shares[i].append(RankOneEdit(
+                    request=request, layer=layer, param_name=name, value_dir=values[:, i].clone(),
+                    key_dir=key_dirs[:, i].clone(), hparams=layer_hp, fingerprint=editor.fingerprint,
+                    checksum_before="", checksum_after="", key=keys[:, i].clone(),
+                    stats=share_stats(batch_id, i, len(requests), layers, extra),
+                ))  # fmt: skip
+                editor.apply(shares[i][-1])  # the next layer's keys and residuals see this one
+    finally:
+        editor.rebuild(list(saved))
+    return editor.with_checksums(BatchEdit(batch_id, tuple(tuple(s) for s in shares), {"layers": list(layers)}))

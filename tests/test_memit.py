@@ -1,0 +1,113 @@
+"""MEMIT batch edits on tiny random models: per-fact factors, one-fact revert, weights untouched by compute."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editing import EditRequest, RomeEditor
+from editing.arch import get_module, is_transposed
+from tests.tiny import tiny_editor, tiny_gpt2, tiny_llama, tiny_tokenizer
+
+FACTS = [
+    EditRequest("The Eiffel tower", "Located in {}", "rome"),
+    EditRequest("The Colosseum", "{} is located in the city of", "london"),
+    EditRequest("Big Ben", "{} is located in the city of", "paris"),
+]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def computed(request):  # type: ignore[no-untyped-def]
+    """One batch per model, computed once (the slow part); each test starts from the unedited weights."""
+    tok = tiny_tokenizer()
+    model = tiny_llama() if request.param == "llama" else tiny_gpt2()
+    editor = tiny_editor(model, tok, layer=2 if request.param == "llama" else 1, steps=12)
+    editor.hparams = editor.hparams.replace(batch_layers=(0, 1), mom2_weight=1.0)
+    before = state(model)
+    p_before = target_prob(model, tok, FACTS[0].prompt, FACTS[0].target)
+    batch = editor.compute_batch(FACTS)
+    after_compute = state(model)
+    return model, tok, editor, before, p_before, batch, after_compute
+
+
+@pytest.fixture
+def setup(computed):  # type: ignore[no-untyped-def]
+    computed[2].reset()
+    yield computed
+    computed[2].reset()
+
+
+def state(model) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def as_out_in(model, name: str, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The weight as (d_out, d_in), whatever the module's storage orientation."""
+    return weight.T if is_transposed(get_module(model, name.rsplit(".", 1)[0])) else weight
+
+
+def target_prob(model, tok, prompt: str, target: str) -> float:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        probs = model(**tok(prompt, return_tensors="pt")).logits[0, -1].softmax(-1)
+    return float(probs[tok.convert_tokens_to_ids(target)])
+
+
+def test_batch_leaves_weights_unchanged_and_lands(setup) -> None:  # type: ignore[no-untyped-def]
+    model, tok, editor, before, p_before, batch, after_compute = setup
+    assert all(torch.equal(before[k], v) for k, v in after_compute.items())
+    assert not editor.applied
+    editor.apply(batch)
+    assert len(editor.applied) == len(FACTS) * 2
+    # Tiny random models cap confidence, and even a single edit barely moves the other two facts.
+    assert target_prob(model, tok, FACTS[0].prompt, FACTS[0].target) > 10 * p_before
+    assert {e.stats["batch"]["id"] for e in batch.edits} == {batch.batch_id}
+    assert [e.stats["batch"]["fact"] for e in batch.edits] == [0, 0, 1, 1, 2, 2]
+
+
+def test_per_fact_factors_sum_to_the_batch_update(setup) -> None:  # type: ignore[no-untyped-def]
+    model, tok, editor, base, _, batch, _ = setup
+    editor.apply(batch)
+    hp = editor.hparams
+    for j, layer in enumerate(editor.batch_layers(hp)):
+        name = batch.facts[0][j].param_name
+        delta = (as_out_in(model, name, model.get_parameter(name)) - as_out_in(model, name, base[name])).double()
+        values = torch.stack([f[j].value_dir for f in batch.facts], 1).double()  # R (d_out, n)
+        keys = torch.stack([f[j].key for f in batch.facts], 1).double()  # K (d_in, n)
+        summed = sum(torch.outer(f[j].value_dir, f[j].key_dir).double() for f in batch.facts)
+        # ΔW = R Kᵀ (λC + KKᵀ)⁻¹, solved afresh from the stored keys and values
+        system = hp.mom2_weight * editor.cov(layer, hp.stats_samples) + keys @ keys.T
+        closed = values @ torch.linalg.solve(system, keys).T
+        assert torch.allclose(delta, summed, atol=1e-4, rtol=1e-3)
+        assert torch.allclose(summed, closed, atol=1e-6, rtol=1e-4)
+
+
+def test_reverting_one_fact_equals_rebuild_from_the_others(setup) -> None:  # type: ignore[no-untyped-def]
+    model, tok, editor, base, _, batch, _ = setup
+    editor.apply(batch)
+    editor.revert(batch.fact(1))
+    reverted = state(model)
+    assert len(editor.applied) == 4 and all(e.stats["batch"]["fact"] != 1 for e in editor.applied)
+    editor.revert(batch.fact(0))
+    editor.revert(batch.fact(2))
+    assert all(torch.equal(base[k], v) for k, v in state(model).items())
+    fresh = RomeEditor(model, tok, editor.hparams, fingerprint=editor.fingerprint)  # from the baseline
+    fresh.rebuild([*batch.fact(0).edits, *batch.fact(2).edits])
+    assert all(torch.equal(reverted[k], v) for k, v in state(model).items())
+    fresh.reset()
+
+
+def test_checksums_follow_the_apply_order(setup) -> None:  # type: ignore[no-untyped-def]
+    model, tok, editor, _, _, batch, _ = setup
+    last = {}
+    for share in batch.edits:
+        last[share.param_name] = editor.apply(share)
+        assert last[share.param_name] == share.checksum_after
+
+
+def test_duplicate_facts_and_bad_layers_are_refused(setup) -> None:  # type: ignore[no-untyped-def]
+    model, tok, editor = setup[:3]
+    with pytest.raises(ValueError, match="same subject and relation"):
+        editor.compute_batch([FACTS[0], EditRequest("The Eiffel tower", "Located in {}", "london")])
+    with pytest.raises(ValueError, match="batch_layers"):
+        editor.compute_batch(FACTS, batch_layers=(1, 0))
+    with pytest.raises(ValueError, match="compute_batch"):
+        editor.compute(FACTS[0], update="memit")
