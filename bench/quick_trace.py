@@ -23,7 +23,7 @@ import torch
 
 from bench.trace_known_facts import DATA, knows
 from editing.loading import load_model
-from editing.quick_trace import quick_trace
+from editing.tracing.quick import quick_trace
 from editing.tracing import best_at_last_subject, embedding_std, trace
 
 log = logging.getLogger("quick_trace")

@@ -42,11 +42,11 @@ def relation_of(prompt: str, subject: str) -> str:
 def trace_fact(service: EditService, prompt: str, subject: str, expected: str | None = None,
                samples: int = DEFAULT_SAMPLES, progress: Any = None, kinds: Any = DEFAULT_KINDS,
                precision: str = "auto", method: str = "exact") -> Any:  # fmt: skip
-    """``editing.tracing.trace`` (``method="quick"``: ``editing.quick_trace``) on the current model, under the read lock."""
+    """``editing.tracing.trace`` (``method="quick"``: ``editing.tracing.quick``) on the current model, under the read lock."""
     from editing.tracing import trace
 
     if method == "quick":
-        from editing.quick_trace import quick_trace
+        from editing.tracing.quick import quick_trace
 
         with service.weights.read():
             return quick_trace(service.model, service.tok, prompt, subject, expected or None, samples=samples,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.quick_trace import quick_trace
+from editing.tracing.quick import quick_trace
 from editing.tracing import KINDS, trace
 from tests.test_tracing import PROMPT, SUBJECT, model, one_thread, tok  # noqa: F401 - shared fixtures
 

@@ -25,16 +25,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from editing.arch import arch_of, layer_name, n_layers
 from editing.nethook import edit_output
 from editing.tokens import encode
-from editing.tracing import (
-    _PART,
-    KINDS,
-    TraceResult,
-    _model_name,
-    _restored_layers,
-    _validate,
-    embedding_std,
-    make_noise,
-)
+from editing.tracing import _model_name, _validate
+from editing.tracing.noise import embedding_std, make_noise
+from editing.tracing.result import TraceResult
+from editing.tracing.runs import _PART, KINDS, _restored_layers
 
 Progress = Callable[[str, float], None]
 
