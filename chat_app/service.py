@@ -394,11 +394,6 @@ class EditService(LedgerSync):
             except (LedgerError, ValueError) as err:
                 log.error("could not mark edit #%d failed: %s", failed_id, err)
         self._sync_locked(rebuild=True)
-        if any(r.state_checksum is None for r in self.ledger.applied()):  # e.g. a revert that stopped half-way
-            try:
-                self._store_state_checksums()
-            except (LedgerError, ValueError) as err:
-                log.error("could not store the rebuilt state checksums: %s", err)
 
     def _store_state_checksums(self, names: set[str] | None = None) -> None:
         """After a rebuild, the checksum of each applied edit's parameter at its (new) position.

@@ -41,35 +41,15 @@ def replay(service: EditService, progress: Callable[[int, int], None] | None = N
     for edit_id in skip:
         if ledger.get(edit_id).status == "applied":  # a later start with the same flag has nothing to do
             ledger.quarantine(edit_id, "skipped at start-up (--skip-edit): not replayed", actor="start-up")
-    records = ledger.applied()
-    edits = [_decode(record) for record in records]  # every payload checked before the weights change
-    mismatches, missing = [], {}
-    with service.weights.write():
-        editor.reset()
-        service._edits.clear()  # noqa: SLF001 - start-up owns the service's state
-        for i, (record, edit) in enumerate(zip(records, edits)):
-            checksum = editor.apply(edit)
-            service._edits[record.id] = edit  # noqa: SLF001
-            if record.state_checksum is None:  # cleared by a revert or supersede that stopped before storing it
-                missing[record.id] = checksum
-            elif record.state_checksum != checksum:
-                mismatches.append(record.id)
-            if progress is not None:
-                progress(i + 1, len(records))
-    service.synced_at = time.time()
-    if mismatches:
-        log.warning("replay: %d edits reproduced another parameter checksum than stored: %s", len(mismatches), mismatches)
-    if missing:
+    ids, mismatches = service.rebuild(decode=_decode)  # the service's one rebuild path
+    if progress is not None:
+        progress(len(ids), len(ids))
+    if ids:
         try:
-            ledger.set_state_checksums(missing)
-        except LedgerError as err:
-            log.warning("could not store the state checksums of edits %s: %s", sorted(missing), err)
-    if records:
-        try:
-            ledger.add_event(None, "replayed", actor="start-up", detail=f"{len(records)} edits replayed")
+            ledger.add_event(None, "replayed", actor="start-up", detail=f"{len(ids)} edits replayed")
         except LedgerError as err:  # a read-only ledger file still serves chats and history
             log.warning("could not record the replay: %s", err)
-    return StartupReport(len(records), tuple(repaired), tuple(mismatches), time.perf_counter() - t0)
+    return StartupReport(len(ids), tuple(repaired), tuple(mismatches), time.perf_counter() - t0)
 
 
 def _decode(record: EditRecord) -> RankOneEdit:

@@ -13,11 +13,18 @@ import logging
 import threading
 import time
 
+from collections.abc import Callable
+
 from chat_app.locks import RWLock
-from db import Ledger
+from db import EditRecord, Ledger, LedgerError
 from editing import RankOneEdit, RomeEditor
 
 log = logging.getLogger(__name__)
+Decode = Callable[[EditRecord], RankOneEdit]
+
+
+def decode_record(record: EditRecord) -> RankOneEdit:
+    return RankOneEdit.from_payload(record.meta, record.factors or b"")
 
 
 class LedgerSync:
@@ -47,20 +54,57 @@ class LedgerSync:
     def _sync_locked(self, rebuild: bool = False) -> bool:
         """``sync`` with the edit mutex held; ``rebuild=True`` rebuilds every parameter (after a failure)."""
         now = time.time()
-        if not rebuild and self._applied_ids() == self.ledger.applied_ids():
+        if rebuild:
+            self._rebuild_locked()
+            return True
+        if self._applied_ids() == self.ledger.applied_ids():
             self.synced_at = now
             return False
         with self.weights.write():
             records = self.ledger.applied()
             ids, held = [r.id for r in records], self._applied_ids()
-            edits = [self._edits.get(r.id) or RankOneEdit.from_payload(r.meta, r.factors or b"") for r in records]
-            if not rebuild and held == ids[: len(held)]:  # only additions: apply the new ones on top
-                for edit in edits[len(held):]:
-                    self.editor.apply(edit)
-            elif rebuild or held != ids:
-                self.editor.rebuild(edits)
-            self._edits = dict(zip(ids, edits))
+            if held != ids[: len(held)]:  # something was reverted or superseded elsewhere: rebuild
+                self._rebuild_locked(records)
+                return True
+            for record in records[len(held):]:  # only additions: apply the new ones on top
+                edit = RankOneEdit.from_payload(record.meta, record.factors or b"")
+                self.editor.apply(edit)
+                self._edits[record.id] = edit
         self.synced_at = now
         log.info("weights synced with the ledger: %d edits applied (were %s)", len(ids), held)
         return True
 
+    def rebuild(self, decode: Decode = decode_record) -> tuple[list[int], list[int]]:
+        """The one full rebuild (start-up, and after a failure): base weights plus every applied edit, in order.
+
+        Every stored payload is decoded (``decode`` may raise) before any weight changes. Returns the
+        applied ids and those whose stored state checksum differs from the one the rebuild reproduces;
+        a checksum the ledger lacks (a revert or supersede stopped before storing it) is stored.
+        """
+        with self._edit_mutex:
+            return self._rebuild_locked(decode=decode)
+
+    def _rebuild_locked(self, records: list[EditRecord] | None = None,
+                        decode: Decode = decode_record) -> tuple[list[int], list[int]]:  # fmt: skip
+        records = self.ledger.applied() if records is None else records
+        edits = [self._edits.get(r.id) or decode(r) for r in records]
+        missing, mismatches = {}, []
+        with self.weights.write():
+            self.editor.reset()
+            for record, edit in zip(records, edits):
+                checksum = self.editor.apply(edit)
+                if record.state_checksum is None:
+                    missing[record.id] = checksum
+                elif record.state_checksum != checksum:
+                    mismatches.append(record.id)
+            self._edits = {r.id: e for r, e in zip(records, edits)}
+        self.synced_at = time.time()
+        if mismatches:
+            log.warning("rebuild: %d edits reproduced another parameter checksum than stored: %s", len(mismatches),
+                        mismatches)  # fmt: skip
+        if missing:
+            try:
+                self.ledger.set_state_checksums(missing)
+            except (LedgerError, ValueError) as err:  # a read-only ledger still serves chats
+                log.warning("could not store the state checksums of edits %s: %s", sorted(missing), err)
+        return [r.id for r in records], mismatches
