@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+
+from chat_app.threads import generation_threads
 
 REPETITION_PENALTY = 1.2  # chat default (1 = off): edited replies looped in 16.7 % of cases at 1.0, none at 1.2 (README)
 
@@ -67,11 +70,8 @@ def stream_chat(
 
     def run() -> None:
         try:
-            if context is None:
+            with generation_threads(), context or nullcontext():  # type: ignore[attr-defined]
                 model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id, **sampling)
-            else:
-                with context:  # type: ignore[attr-defined]
-                    model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id, **sampling)
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(err)
             streamer.end()
