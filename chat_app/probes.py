@@ -4,11 +4,13 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from chat_app.threads import generation_threads
 from editing.evaluation.chat_metrics import names
 from editing.generation import REPETITION_PENALTY, ChatSettings, chat_reply, generation_kwargs
 from editing.questions import fact_from_question, question_for
@@ -110,7 +112,7 @@ def stream_chat(
 
     def run() -> None:
         try:
-            with context if context is not None else contextlib.nullcontext():  # type: ignore[attr-defined]
+            with generation_threads(), context if context is not None else contextlib.nullcontext():  # type: ignore[attr-defined]
                 model.generate(**enc, streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]),
                                **kwargs)  # fmt: skip
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread

@@ -78,7 +78,7 @@ class RomeEditor:
     def context_templates(self, hp: RomeHyperParams | None = None) -> list[str]:
         """The context prefixes for ``hp``'s ``templates`` and ``seed`` (default: the editor's), from the unedited model."""
         hp = hp or self.hparams
-        key = (hp.templates, hp.seed)
+        key = (tuple((int(n), int(c)) for n, c in hp.templates), hp.seed)  # lists from JSON overrides too
         if key not in self._template_sets:
             with self.original_weights():
                 self._template_sets[key] = context_templates(self.model, self.tok, self.fingerprint, *key)

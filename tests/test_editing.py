@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -140,9 +141,25 @@ def test_original_weights_view_is_exact_and_thread_local(setup) -> None:  # type
     ids = tok(REQ.prompt, return_tensors="pt")
     clean = model(**ids).logits
     editor.apply(editor.compute(REQ))
+    edited = model(**ids).logits
+    assert not torch.allclose(edited, clean, atol=1e-3)
+    seen: dict[str, torch.Tensor] = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def other_thread() -> None:  # runs while the main thread holds the original-weights view
+        inside.wait(10)
+        seen["other"] = model(**ids).logits
+        done.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
     with editor.original_weights():
-        assert torch.allclose(model(**ids).logits, clean, atol=1e-5)
-    assert not torch.allclose(model(**ids).logits, clean, atol=1e-3)
+        inside.set()
+        assert done.wait(30)
+        assert torch.allclose(model(**ids).logits, clean, atol=1e-5)  # this thread sees the unedited weights
+    worker.join()
+    assert torch.allclose(seen["other"], edited, atol=1e-6)  # the other thread kept seeing the edit
+    assert torch.allclose(model(**ids).logits, edited, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -155,7 +155,11 @@ def test_esc_keeps_plain_text_readable_and_neutralises_markup() -> None:
 def test_preview_shows_completion_and_five_top_tokens(service: EditService) -> None:
     completion, top, notice = Handlers(service).preview("The Eiffel Tower", RELATION)
     assert "the city of" in completion and len(top) == 5 and notice == ""
-    assert abs(sum(top.values()) - 1.0) < 1.0 and all(0 <= p <= 1 for p in top.values())
+    prompt = RELATION.replace("{}", "The Eiffel Tower")
+    with torch.no_grad():
+        probs = service.model(**service.tok(prompt, return_tensors="pt")).logits[0, -1].softmax(-1)
+    expected = probs.topk(5).values.tolist()  # the model's own five likeliest next tokens, in order
+    assert list(top.values()) == pytest.approx(expected, abs=1e-6) and sum(top.values()) <= 1 + 1e-6
     with pytest.raises(gr.Error, match="subject is empty"):
         Handlers(service).preview("", RELATION)
 
@@ -163,10 +167,15 @@ def test_preview_shows_completion_and_five_top_tokens(service: EditService) -> N
 def test_chat_streams_and_compares_with_the_original(service: EditService) -> None:
     _, conv, orig = ui_chat.add_user("where is the eiffel tower", [], [])
     steps = list(ui_chat.respond(service, conv, orig, "", 0.0, 6, True))
-    conv, orig = steps[-1]
-    assert [m["role"] for m in conv] == ["user", "assistant"] and [m["role"] for m in orig] == ["user", "assistant"]
-    assert conv[1]["content"] == orig[1]["content"]  # no edits yet: the original model answers alike
+    before = steps[-1][0][1]["content"]
+    assert steps[-1][1][1]["content"] == before  # no edits yet: the original model answers alike
     assert len(steps) > 2  # streamed: several partial updates
+    apply(Handlers(service))  # The Eiffel Tower → Rome
+    assert service.active_count == 1
+    conv, orig = list(ui_chat.respond(service, conv[:1], orig[:1], "", 0.0, 6, True))[-1]
+    assert [m["role"] for m in conv] == ["user", "assistant"] and [m["role"] for m in orig] == ["user", "assistant"]
+    assert orig[1]["content"] == before  # the comparison column is the unedited model's answer, exactly
+    assert conv[1]["content"] != before  # while the chat column answers with the edit
     with pytest.raises(gr.Error, match="type a message"):
         ui_chat.add_user("  ", conv, orig)
 
