@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import URL, Select, select
+from sqlalchemy import URL, Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.integrity import integrity_problems
@@ -42,6 +42,11 @@ class LedgerReads:
         with self._read.begin() as s:
             entry = s.get(MetaEntry, "model_fingerprint")
             return None if entry is None else entry.value
+
+    def highest_id(self) -> int:
+        """The largest edit id in the ledger (0 when it holds none); cheap, reads no factors."""
+        with self._read.begin() as s:
+            return s.scalar(select(func.max(Edit.id))) or 0
 
     def get(self, edit_id: int) -> EditRecord:
         with self._read.begin() as s:
