@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import gradio as gr
 
 from chat_app.probes import REPETITION_PENALTY
 from chat_app.ui_inputs import refuse
