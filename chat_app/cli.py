@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 READ_COMMANDS = ("history", "export")  # served by the ledger alone
+DAMAGE_ADVICE = ("The ledger is damaged: restore it from a backup (app.py backup writes one). An edit whose "
+                 "factors are damaged can be left out instead: app.py --skip-edit ID … marks it failed and "
+                 "replays the others, which app.py --skip-edit ID export FILE then exports.")  # fmt: skip
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -165,10 +168,15 @@ def _without_model(args: argparse.Namespace, settings: Settings) -> int | None:
         print(f"backed up the ledger {ledger.where} to {target}")
         return 0
     if args.command == "verify" and args.integrity:
-        path = sqlite_file(make_url(ledger_url(settings)))
+        url = ledger_url(settings)
+        path = sqlite_file(make_url(url))
         problems = file_problems(path) if path is not None and path.exists() else []
-        if problems:  # the file itself is damaged: say so before anything tries to use it
-            _emit(args, {"edits": [], "integrity_problems": problems}, "integrity: " + "; ".join(problems))
+        if not problems:  # the stored data, before a replay that damaged factors would stop
+            with Ledger.open(url) as ledger:
+                problems = ledger.integrity_check()
+        if problems:
+            _emit(args, {"edits": [], "integrity_problems": problems, "advice": DAMAGE_ADVICE},
+                  "integrity: " + "; ".join(problems) + "\n" + DAMAGE_ADVICE)  # fmt: skip
             return 1
     return None
 

@@ -59,18 +59,13 @@ def _seen(ledger: Ledger, settings: Settings) -> tuple[Path, dict[str, int]] | N
     return path, (seen if isinstance(seen, dict) else {})
 
 
-def _highest_id(ledger: Ledger) -> int:
-    records = ledger.history()  # newest first
-    return records[0].id if records else 0
-
-
 def check_not_emptied(ledger: Ledger, settings: Settings) -> None:
     """Refuse a data-folder ledger that holds fewer edits than when this app last used it; remember what it holds."""
     found = _seen(ledger, settings)
     if found is None:
         return
     path, seen = found
-    now, before = _highest_id(ledger), seen.get(ledger.file.name, 0)
+    now, before = ledger.highest_id(), seen.get(ledger.file.name, 0)
     if isinstance(before, int) and now < before:
         holds = "no edits" if now == 0 else f"edits only up to #{now}"
         raise LedgerError(
@@ -87,7 +82,7 @@ def remember(ledger: Ledger, settings: Settings) -> None:
     if found is None:
         return
     path, seen = found
-    seen[ledger.file.name] = _highest_id(ledger)
+    seen[ledger.file.name] = ledger.highest_id()
     try:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(seen, indent=1), encoding="utf-8")

@@ -15,6 +15,8 @@ import math
 from typing import Any
 
 import gradio as gr
+from gradio.data_classes import FileData
+from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -60,50 +62,79 @@ def _name(component: gr.components.Component) -> str:
     return str(component.label or "this field").split(" (")[0].lower()
 
 
-class Textbox(gr.Textbox):
+class _Checked:
+    """Gradio's own refusals in ``preprocess`` (a value not among the choices, out of bounds) as one log line too."""
+
+    def preprocess(self, payload: Any) -> Any:
+        try:
+            return super().preprocess(self.check(payload))  # type: ignore[misc]
+        except gr.Error as err:
+            if not err.print_exception:
+                raise
+            raise refuse(str(err.message)) from None
+
+    def check(self, payload: Any) -> Any:
+        return text(payload, _name(self))  # type: ignore[arg-type]
+
+
+class Textbox(_Checked, gr.Textbox):
     is_template = True
 
-    def preprocess(self, payload: Any) -> str | None:
-        return super().preprocess(text(payload, _name(self)))
 
-
-class Dropdown(gr.Dropdown):
+class Dropdown(_Checked, gr.Dropdown):
     """A single-choice dropdown (``multiselect`` is not supported)."""
 
     is_template = True
 
-    def preprocess(self, payload: Any) -> Any:
-        return super().preprocess(text(payload, _name(self)))
 
-
-class Number(gr.Number):
+class Radio(_Checked, gr.Radio):
     is_template = True
 
-    def preprocess(self, payload: Any) -> float | int | None:
-        return super().preprocess(number(payload, _name(self)))
 
-
-class Slider(gr.Slider):
+class Number(_Checked, gr.Number):
     is_template = True
 
-    def preprocess(self, payload: Any) -> float:
+    def check(self, payload: Any) -> float | int | None:
+        return number(payload, _name(self))
+
+
+class Slider(_Checked, gr.Slider):
+    is_template = True
+
+    def check(self, payload: Any) -> float:
         checked = number(payload, _name(self))
         if checked is None:
             raise refuse(f"{_name(self)} is empty; give a number")
-        return super().preprocess(checked)
+        return checked
 
 
-class Radio(gr.Radio):
+class CheckboxGroup(_Checked, gr.CheckboxGroup):
     is_template = True
 
-    def preprocess(self, payload: Any) -> Any:
-        return super().preprocess(text(payload, _name(self)))
-
-
-class CheckboxGroup(gr.CheckboxGroup):
-    is_template = True
-
-    def preprocess(self, payload: Any) -> Any:
+    def check(self, payload: Any) -> Any:
         if payload is not None and (not isinstance(payload, list) or not all(isinstance(v, str) for v in payload)):
             raise refuse(f"{_name(self)} must be a list of choices, got {kind(payload)}: {payload!r:.80}")
-        return super().preprocess(payload)
+        return payload
+
+
+class File(_Checked, gr.File):
+    """A single file input. Gradio validates a file payload before any hook, so the check moves here:
+    the API schema is kept, Gradio's own validation is switched off, and ``check`` does it with a message."""
+
+    is_template = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.api_info()  # cached while data_model is still FileData: clients still see a file parameter
+        self.data_model = None
+
+    def check(self, payload: Any) -> FileData | None:
+        if payload is None:
+            return None
+        if not isinstance(payload, dict) or not isinstance(payload.get("path"), str):
+            raise refuse(f"{_name(self)} must be a file uploaded with the request (gradio_client.handle_file), "
+                         f"got {kind(payload)}: {payload!r:.80}")  # fmt: skip
+        try:
+            return FileData.model_validate(payload)
+        except ValidationError as err:
+            raise refuse(f"{_name(self)} is not a valid file reference: {err.errors()[0]['msg']}") from None

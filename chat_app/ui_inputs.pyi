@@ -61,11 +61,8 @@ def _name(component: gr.components.Component) -> str:
 
 from gradio.events import Dependency
 
-class Textbox(gr.Textbox):
+class Textbox(_Checked, gr.Textbox):
     is_template = True
-
-    def preprocess(self, payload: Any) -> str | None:
-        return super().preprocess(text(payload, _name(self)))
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
@@ -73,13 +70,10 @@ class Textbox(gr.Textbox):
         from gradio.components.base import Component
 
 
-class Dropdown(gr.Dropdown):
+class Dropdown(_Checked, gr.Dropdown):
     """A single-choice dropdown (``multiselect`` is not supported)."""
 
     is_template = True
-
-    def preprocess(self, payload: Any) -> Any:
-        return super().preprocess(text(payload, _name(self)))
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
@@ -87,11 +81,11 @@ class Dropdown(gr.Dropdown):
         from gradio.components.base import Component
 
 
-class Number(gr.Number):
+class Number(_Checked, gr.Number):
     is_template = True
 
-    def preprocess(self, payload: Any) -> float | int | None:
-        return super().preprocess(number(payload, _name(self)))
+    def check(self, payload: Any) -> float | int | None:
+        return number(payload, _name(self))
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
@@ -99,14 +93,14 @@ class Number(gr.Number):
         from gradio.components.base import Component
 
 
-class Slider(gr.Slider):
+class Slider(_Checked, gr.Slider):
     is_template = True
 
-    def preprocess(self, payload: Any) -> float:
+    def check(self, payload: Any) -> float:
         checked = number(payload, _name(self))
         if checked is None:
             raise refuse(f"{_name(self)} is empty; give a number")
-        return super().preprocess(checked)
+        return checked
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
@@ -114,11 +108,8 @@ class Slider(gr.Slider):
         from gradio.components.base import Component
 
 
-class Radio(gr.Radio):
+class Radio(_Checked, gr.Radio):
     is_template = True
-
-    def preprocess(self, payload: Any) -> Any:
-        return super().preprocess(text(payload, _name(self)))
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
@@ -126,15 +117,43 @@ class Radio(gr.Radio):
         from gradio.components.base import Component
 
 
-class CheckboxGroup(gr.CheckboxGroup):
+class CheckboxGroup(_Checked, gr.CheckboxGroup):
     is_template = True
 
-    def preprocess(self, payload: Any) -> Any:
+    def check(self, payload: Any) -> Any:
         if payload is not None and (not isinstance(payload, list) or not all(isinstance(v, str) for v in payload)):
             raise refuse(f"{_name(self)} must be a list of choices, got {kind(payload)}: {payload!r:.80}")
-        return super().preprocess(payload)
+        return payload
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
         from gradio.components import Timer
         from gradio.components.base import Component
+class File(_Checked, gr.File):
+    """A single file input. Gradio validates a file payload before any hook, so the check moves here:
+    the API schema is kept, Gradio's own validation is switched off, and ``check`` does it with a message."""
+
+    is_template = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.api_info()  # cached while data_model is still FileData: clients still see a file parameter
+        self.data_model = None
+
+    def check(self, payload: Any) -> FileData | None:
+        if payload is None:
+            return None
+        if not isinstance(payload, dict) or not isinstance(payload.get("path"), str):
+            raise refuse(f"{_name(self)} must be a file uploaded with the request (gradio_client.handle_file), "
+                         f"got {kind(payload)}: {payload!r:.80}")  # fmt: skip
+        try:
+            return FileData.model_validate(payload)
+        except ValidationError as err:
+            raise refuse(f"{_name(self)} is not a valid file reference: {err.errors()[0]['msg']}") from None
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+    

@@ -119,7 +119,7 @@ def history_tab(service: EditService) -> SimpleNamespace:
                 h.export = gr.Button("Export applied edits")
                 h.export_out = gr.File(label="Export file", interactive=False)
             with gr.Column():
-                h.import_in = gr.File(label="Export file to import", file_count="single", type="filepath")
+                h.import_in = inputs.File(label="Export file to import", file_count="single", type="filepath")
                 h.import_ = gr.Button("Import", interactive=writable)
         h.transfer = gr.Markdown()
     with gr.Accordion("Export the edited model", open=False):

@@ -14,7 +14,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import URL, Engine, inspect, text
 
 from db.schema import LedgerError
 
@@ -22,6 +22,31 @@ logger = logging.getLogger(__name__)
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 HEADER_BYTES = 100
+
+
+class LedgerFiles:
+    """The ``Ledger`` methods about its files: checkpoint and backup (SQLite only)."""
+
+    url: URL
+    where: str
+    file: Path | None
+    _engine: Engine
+
+    def checkpoint(self) -> None:
+        """SQLite: copy the WAL into the database file and truncate it; other databases: nothing to do."""
+        if self.file is None:
+            return
+        busy, frames, done = checkpoint(self._engine, "TRUNCATE")
+        if busy or frames != done:
+            logger.warning("ledger %s: checkpoint incomplete (%d of %d WAL frames; busy=%d)", self.where, done,
+                           frames, busy)  # fmt: skip
+
+    def backup(self, target: str | Path) -> Path:
+        """Write the whole ledger to ``target`` as one consistent SQLite file (safe while others write)."""
+        if self.url.get_backend_name() != "sqlite":
+            raise LedgerError(f"backup writes SQLite files; back up {self.where} with the database's own tool "
+                              "(PostgreSQL: pg_dump)")  # fmt: skip
+        return backup(self._engine, self.where, Path(target))
 
 
 def checkpoint(engine: Engine, mode: str = "TRUNCATE") -> tuple[int, int, int]:

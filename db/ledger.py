@@ -37,7 +37,7 @@ def _short(fingerprint: str) -> str:
     return fingerprint[:12]
 
 
-class Ledger(LedgerReads):
+class Ledger(LedgerReads, durability.LedgerFiles):
     """An edit ledger in any SQLAlchemy database. Every public method is one transaction."""
 
     def __init__(self, url: str | URL | Path) -> None:
@@ -85,22 +85,6 @@ class Ledger(LedgerReads):
         except (LedgerError, SQLAlchemyError) as err:  # e.g. a read-only file: nothing of ours is in its WAL
             logger.warning("could not checkpoint ledger %s on close: %s", self.where, err)
         self._engine.dispose()
-
-    def checkpoint(self) -> None:
-        """SQLite: copy the WAL into the database file and truncate it; other databases: nothing to do."""
-        if self.file is None:
-            return
-        busy, frames, done = durability.checkpoint(self._engine, "TRUNCATE")
-        if busy or frames != done:
-            logger.warning("ledger %s: checkpoint incomplete (%d of %d WAL frames; busy=%d)", self.where, done,
-                           frames, busy)  # fmt: skip
-
-    def backup(self, target: str | Path) -> Path:
-        """Write the whole ledger to ``target`` as one consistent SQLite file (safe while others write)."""
-        if self.url.get_backend_name() != "sqlite":
-            raise LedgerError(f"backup writes SQLite files; back up {self.where} with the database's own tool "
-                              "(PostgreSQL: pg_dump)")  # fmt: skip
-        return durability.backup(self._engine, self.where, Path(target))
 
     def __enter__(self) -> Ledger:
         return self

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import URL, Select, select
+from sqlalchemy import URL, Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.integrity import integrity_problems
@@ -48,6 +48,11 @@ class LedgerReads:
         with self._read.begin() as s:
             entry = s.get(MetaEntry, "revision")
             return 0 if entry is None else int(entry.value)
+
+    def highest_id(self) -> int:
+        """The largest edit id in the ledger (0 when it holds none); cheap, reads no factors."""
+        with self._read.begin() as s:
+            return s.scalar(select(func.max(Edit.id))) or 0
 
     def get(self, edit_id: int) -> EditRecord:
         with self._read.begin() as s:

@@ -4,12 +4,12 @@ do not pile up, and SIGTERM leaves every edit in the ledger file itself (the -wa
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -78,6 +78,7 @@ REFUSED = [
     ("/chat", {"message": ["hi"]}, "message must be text, got a list"),
     ("/chat", {"message": "hi", "max_new_tokens": "abc"}, "max new tokens must be a number"),
     ("/locate", {"prompt": 3, "subject": "x", "expected": ""}, "prompt must be text"),
+    ("/history", {"text": "", "status": "bogus"}, "bogus is not in the list of choices"),
 ]
 
 
@@ -101,9 +102,15 @@ def _raw_call(url: str, endpoint: str, data: list[Any]) -> str:
         return response.read().decode()
 
 
-def test_a_raw_post_gets_the_message_too(server: dict[str, Any], client: Any) -> None:
-    stream = _raw_call(server["url"], "apply_edit", list(form(lr="nan").values()))
-    assert "event: error" in stream and "learning rate must be a number" in stream, stream
+@pytest.mark.parametrize(("endpoint", "data", "message"), [
+    ("apply_edit", list(form(lr="nan").values()), "learning rate must be a number"),
+    ("import_edits", [5], "must be a file uploaded with the request"),
+    ("import_edits", ["/etc/hostname"], "must be a file uploaded with the request .*got text"),
+])  # fmt: skip
+def test_a_raw_post_gets_the_message_too(server: dict[str, Any], client: Any, endpoint: str, data: list[Any],
+                                         message: str) -> None:  # fmt: skip
+    stream = _raw_call(server["url"], endpoint, data)
+    assert "event: error" in stream and re.search(message, stream), stream
     assert rows(client) == []
 
 
@@ -125,8 +132,13 @@ def test_exports_leave_one_folder_and_sigterm_keeps_every_edit_in_the_ledger_fil
     result, _ = client.predict(**form(), api_name="/apply_edit_anyway")  # a tiny model's edit may not hold
     assert "Edit #1 applied" in result
     for _ in range(3):
-        client.predict(api_name="/export")
+        exported, _ = client.predict(api_name="/export")
     assert len(list(server["tmp"].glob("rome-chat-export*"))) == 1
+    from gradio_client import handle_file
+
+    path = exported if isinstance(exported, str) else exported["path"]  # the server's copy, on this machine
+    report = client.predict(handle_file(path), api_name="/import_edits")  # a real upload still works
+    assert "Imported 0 edits" in report and "skipped 1" in report
     proc, ledger = server["proc"], server["ledger"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0

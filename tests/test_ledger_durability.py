@@ -138,6 +138,18 @@ def test_verify_integrity_reports_a_damaged_page(run: Any, disk: dict[str, Path]
     assert code == 1 and ("integrity_check" in out or "damaged" in out), out
 
 
+def test_verify_integrity_names_an_edit_with_damaged_factors(run: Any, disk: dict[str, Path], tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    shutil.copy(disk["ledger.db"], db)
+    with Ledger.open(db) as ledger:
+        factors = ledger.get(1).factors
+    flip(db, db.read_bytes().index(factors[:64]) + 10)
+    code, out, _ = run(db, "verify", "--integrity", "--json")
+    report = json.loads(out)
+    assert code == 1 and any("edit #1: factors do not match" in p for p in report["integrity_problems"])
+    assert "--skip-edit" in report["advice"]
+
+
 @pytest.fixture
 def three(tmp_path: Path) -> Iterator[Path]:
     with one_thread():
