@@ -103,16 +103,17 @@ def _wire_chat(service: EditService, c: SimpleNamespace) -> None:
         return cleared, conv, orig, conv, orig
 
     private = {"api_visibility": "private"}
-    gr.on([c.message.submit, c.send.click], submit, [c.message, c.conv, c.orig],
-          [c.message, c.conv, c.orig, c.chatbot, c.original], queue=False, **private).success(
+    reply = gr.on([c.message.submit, c.send.click], submit, [c.message, c.conv, c.orig],
+                  [c.message, c.conv, c.orig, c.chatbot, c.original], queue=False, **private).success(
         respond, [c.conv, c.orig, c.system, c.temperature, c.max_new, c.compare, c.penalty],
         [c.chatbot, c.original, c.conv, c.orig], **private,
     )  # fmt: skip
     c.compare.change(lambda on: gr.Chatbot(visible=on), c.compare, c.original, queue=False, **private)
+    # Clearing stops a reply still streaming (it would write the old turns back); the Chatbot's own trash icon
+    # clears the conversation too, not just the view.
     clear = (lambda: ([], [], [], []), None, [c.chatbot, c.original, c.conv, c.orig])
-    c.clear.click(*clear, queue=False, **private)
-    for bot in (c.chatbot, c.original):  # the Chatbot's own trash icon clears the conversation too, not just the view
-        bot.clear(*clear, queue=False, **private)
+    for event in (c.clear.click, c.chatbot.clear, c.original.clear):
+        event(*clear, queue=False, cancels=[reply], **private)
     gr.api(chat, api_name="chat")
 
 
