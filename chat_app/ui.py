@@ -113,7 +113,7 @@ def _wire_chat(service: EditService, c: SimpleNamespace) -> None:
 
     private = {"api_visibility": "private"}
     reply = gr.on([c.message.submit, c.send.click], submit, [c.message, c.conv, c.orig],
-          [c.message, c.conv, c.orig, c.chatbot, c.original], queue=False, **private).success(
+                  [c.message, c.conv, c.orig, c.chatbot, c.original], queue=False, **private).success(
         respond, [c.conv, c.orig, c.system, c.temperature, c.max_new, c.compare, c.penalty],
         [c.chatbot, c.original, c.conv, c.orig], **private,
     )  # fmt: skip
@@ -121,10 +121,11 @@ def _wire_chat(service: EditService, c: SimpleNamespace) -> None:
     # next token and joins the generating thread before the weights lock is released.
     c.stop.click(None, None, None, cancels=[reply], queue=False, **private)
     c.compare.change(lambda on: gr.Chatbot(visible=on), c.compare, c.original, queue=False, **private)
+    # Clearing stops a reply still streaming (it would write the old turns back); the Chatbot's own trash icon
+    # clears the conversation too, not just the view.
     clear = (lambda: ([], [], [], []), None, [c.chatbot, c.original, c.conv, c.orig])
-    c.clear.click(*clear, queue=False, **private)
-    for bot in (c.chatbot, c.original):  # the Chatbot's own trash icon clears the conversation too, not just the view
-        bot.clear(*clear, queue=False, **private)
+    for event in (c.clear.click, c.chatbot.clear, c.original.clear):
+        event(*clear, queue=False, cancels=[reply], **private)
     gr.api(chat, api_name="chat")
 
 

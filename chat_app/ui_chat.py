@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import gradio as gr
 
 from chat_app.probes import REPETITION_PENALTY, fact_from_question
 from chat_app.ui_inputs import refuse

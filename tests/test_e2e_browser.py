@@ -102,7 +102,7 @@ def wait_for_text(locator: object, needle: str, timeout_s: float) -> str:
 def no_spinner(page: object, timeout_s: float) -> None:
     """Wait until no component shows Gradio's "processing" status; fail if one still does after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    spinning = "() => [...document.querySelectorAll('.progress-text, .eta-bar, .meta-text')].some(e => e.offsetParent)"
+    spinning = "() => /processing \\|/.test(document.body.innerText)"  # Gradio's status: "processing | 2.6s"
     while time.monotonic() < deadline:
         if not page.evaluate(spinning):
             return
@@ -117,11 +117,13 @@ def test_correct_a_fact_see_it_in_chat_and_history_then_revert(page: object) -> 
     shot(page, "1-chat")
 
     # The Chatbot's own clear icon clears the conversation, not only the view: the old turn never comes back.
+    no_spinner(page, REPLY_TIMEOUT_S)  # the reply has finished streaming
     page.locator("#chat-edited button[aria-label='Clear']").first.click()
     page.wait_for_function("() => !document.querySelector('#chat-edited [data-testid=\"user\"]')")
     page.locator("#chat-input textarea").fill("Hello")
     page.locator("#chat-send").click()
     settled_text(page.locator("#chat-edited [data-testid='bot']").last, REPLY_TIMEOUT_S)
+    no_spinner(page, REPLY_TIMEOUT_S)
     users = page.locator("#chat-edited [data-testid='user']")
     assert users.count() == 1 and "Eiffel" not in users.first.inner_text()
 
