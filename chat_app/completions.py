@@ -1,4 +1,4 @@
-"""Probe completions computed once: several prompts in one batched generation, remembered per weight state.
+"""Probe completions computed once: remembered per weight state.
 
 An in-app edit answers the same prompts several times: the form's preview asks for the edited
 prompt's completion, then ``apply`` asks for it again (with the paraphrases and neighbours)
@@ -15,10 +15,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from chat_app.probes import complete, first_sentence
+from chat_app.probes import complete
 from editing import RomeEditor
 
 State = tuple[str, ...]
@@ -31,25 +30,17 @@ def weights_state(editor: RomeEditor) -> State:
     return tuple(f"{e.param_name}:{e.checksum_after}" for e in editor.applied)
 
 
-@torch.no_grad()
 def complete_batch(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS
 ) -> list[str]:
-    """``probes.complete`` of each prompt, generated as one left-padded batch (one prompt: exactly ``complete``).
+    """``probes.complete`` of each prompt, one at a time.
 
-    Padding is built here rather than by switching the shared tokenizer's padding side, which
-    other threads (statistics, chats) use at the same time.
+    Not a padded batch: a left-padded row is computed with other shapes than the prompt alone, and
+    on near ties its greedy answer can differ, while the checks compare answers exactly (a neighbour
+    holds when its answer is unchanged). One prompt at a time, every answer is the one ``verify``
+    and a later preview reproduce.
     """
-    if len(prompts) <= 1:
-        return [complete(model, tok, p, max_new_tokens) for p in prompts]
-    ids = [tok(p)["input_ids"] for p in prompts]
-    width = max(len(i) for i in ids)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids = torch.tensor([[pad] * (width - len(i)) + list(i) for i in ids], device=model.device)
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=model.device)
-    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad)  # fmt: skip
-    return [first_sentence(tok.decode(row[width:], skip_special_tokens=True)) for row in out]
+    return [complete(model, tok, p, max_new_tokens) for p in prompts]
 
 
 class CompletionCache:

@@ -74,7 +74,8 @@ class VerifyItem:
 
     @property
     def holds(self) -> bool:
-        return all(p["holds"] for p in self.probes)
+        """The edit's own checks hold (prompt, paraphrases, neighbours); the chat row is reported beside them."""
+        return all(p["holds"] for p in self.probes if p.get("kind") != "chat")
 
 
 class EditService(LedgerSync):
