@@ -44,7 +44,7 @@ def test_reusing_the_previews_answers_gives_the_same_before_after_table(tmp_path
     plain.completions = CompletionCache(max_items=0)
     plain.apply(REQUEST, paraphrases=PARAPHRASES, neighbours=NEIGHBOURS)
     after = [complete(plain.model, plain.tok, p) for p in prompts]
-    assert [(p.before, p.after) for p in result.probes] == list(zip(before, after))
+    assert [(p.before, p.after) for p in result.probes if p.kind != "chat"] == list(zip(before, after))
 
 
 def test_answers_follow_the_weights_through_apply_and_revert(tmp_path: Path) -> None:
