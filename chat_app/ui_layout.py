@@ -124,9 +124,9 @@ def history_tab(service: EditService) -> SimpleNamespace:
         h.transfer = gr.Markdown()
     with gr.Accordion("Export the edited model", open=False):
         with gr.Row():
-            h.model_format = gr.Radio(list(EXPORT_FORMATS), value="hf", scale=2,
+            h.model_format = inputs.Radio(list(EXPORT_FORMATS), value="hf", scale=2,
                                       label="Format (hf: transformers checkpoint; peft: LoRA adapter; gguf: llama.cpp)")  # fmt: skip
-            h.model_ids = gr.Textbox(label="Edit ids (empty: all applied)", placeholder="1, 3", scale=2)
+            h.model_ids = inputs.Textbox(label="Edit ids (empty: all applied)", placeholder="1, 3", scale=2)
             h.export_model = gr.Button("Export model", interactive=writable, scale=1, elem_id="history-export-model")
         h.model_out = gr.Markdown(elem_id="history-export-model-out")
     return h
