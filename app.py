@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(model=args.model, db=args.db, device=args.device, read_only=args.read_only,
                         skip_edits=tuple(args.skip_edit))
     if args.command == "evaluate":
-        from editing.evaluation.evaluate import main as evaluate_main
+        from editing.evaluation.cli import main as evaluate_main
 
         rest = (argv if argv is not None else sys.argv[1:])
         rest = rest[rest.index("evaluate") + 1 :]

@@ -14,14 +14,15 @@ import os
 import statistics
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from chat_app.completions import CompletionCache, complete_batch, weights_state
 from chat_app.locks import RWLock
 from chat_app.probes import (
-    REPETITION_PENALTY, TopToken, answer, chat_question, holds, stream_chat, top_next,
+    REPETITION_PENALTY, TopToken, answer, chat_question, stream_chat, top_next,
 )
+from chat_app.checks import LedgerChecks
+from chat_app.results import ApplyResult, Probe
 from chat_app.sync import LedgerSync
 from db import EditRecord, EventRecord, Ledger, LedgerError
 from editing import EditRequest, RankOneEdit, RomeEditor
@@ -38,47 +39,7 @@ class ReadOnlyError(PermissionError):
     """The app runs read-only: edits, reverts and imports are refused."""
 
 
-@dataclass(frozen=True)
-class Probe:
-    prompt: str
-    kind: str  # edited / paraphrase / neighbour
-    expected: str  # the target, or for a neighbour its answer before the edit
-    before: str
-    after: str = ""
-
-    @property
-    def holds(self) -> bool:
-        return holds(self.kind, self.expected, self.after)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "kind": self.kind, "expected": self.expected,
-                "before": self.before, "after": self.after, "holds": self.holds}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ApplyResult:
-    edit_id: int
-    record: EditRecord
-    probes: tuple[Probe, ...]
-    superseded: tuple[int, ...]
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class VerifyItem:
-    edit_id: int
-    subject: str
-    relation: str
-    target: str
-    probes: tuple[dict[str, Any], ...]
-
-    @property
-    def holds(self) -> bool:
-        """The edit's own checks hold (prompt, paraphrases, neighbours); the chat row is reported beside them."""
-        return all(p["holds"] for p in self.probes if p.get("kind") != "chat")
-
-
-class EditService(LedgerSync):
+class EditService(LedgerSync, LedgerChecks):
     def __init__(self, editor: RomeEditor, ledger: Ledger, *, actor: str = "app", read_only: bool = False,
                  source: str | None = None) -> None:  # fmt: skip
         self.editor, self.ledger = editor, ledger
@@ -354,36 +315,6 @@ class EditService(LedgerSync):
                 self._resync(f"import failed: {err}")
                 raise
             return ids
-
-    def verify(self) -> list[VerifyItem]:
-        """Re-run every applied edit's probes on the current model: which still hold."""
-        items = []
-        with self.weights.read():
-            for record in self.ledger.applied():
-                probes = []
-                for probe in record.probes or ({"prompt": record.subject and record.relation.replace("{}", record.subject),
-                                                "kind": "edited", "expected": record.target},):  # fmt: skip
-                    now = answer(self.model, self.tok, probe["prompt"], probe["kind"])
-                    probes.append({**probe, "now": now, "holds": holds(probe["kind"], probe["expected"], now)})
-                items.append(VerifyItem(record.id, record.subject, record.relation, record.target, tuple(probes)))
-        return items
-
-    # ----- consistency ----------------------------------------------------------------------
-    def integrity_problems(self) -> list[str]:
-        """Weights against ledger: same applied sequence, and each stored state checksum reproduced."""
-        problems = []
-        with self.weights.read():
-            records = self.ledger.applied()
-            by_object = {id(edit): edit_id for edit_id, edit in self._edits.items()}
-            order = [by_object.get(id(e)) for e in self.editor.applied]
-            if order != [r.id for r in records]:
-                problems.append(f"weights hold edits {order} but the ledger's applied sequence is {[r.id for r in records]}")
-            for record, checksum in zip(records, self.editor.sequence_checksums()):
-                if record.state_checksum is None:
-                    problems.append(f"edit #{record.id}: no parameter checksum is stored, so its state cannot be verified")
-                elif record.state_checksum != checksum:
-                    problems.append(f"edit #{record.id}: parameter checksum {str(checksum)[:12]}… differs from the stored one")
-        return problems
 
     def _resync(self, why: str, failed_id: int | None = None) -> None:
         """After a failure: make the weights equal the ledger again (the ledger is the truth)."""

@@ -90,9 +90,8 @@ class LedgerSync:
         edits = [self._edits.get(r.id) or decode(r) for r in records]
         missing, mismatches = {}, []
         with self.weights.write():
-            self.editor.reset()
-            for record, edit in zip(records, edits):
-                checksum = self.editor.apply(edit)
+            self.editor.rebuild(edits)
+            for record, checksum in zip(records, self.editor.sequence_checksums()):
                 if record.state_checksum is None:
                     missing[record.id] = checksum
                 elif record.state_checksum != checksum:

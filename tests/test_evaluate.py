@@ -14,7 +14,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from editing import RomeEditor
 from editing.evaluation.datasets import COUNTERFACT, ZSRE, Case, load_cases, parse_records, sample_cases
-from editing.evaluation.evaluate import UNEDITED, format_table, main, plot_curves, run_evaluation
+from editing.evaluation.cli import format_table, main, plot_curves
+from editing.evaluation.evaluate import UNEDITED, run_evaluation
 from editing.evaluation.ftl import FineTuneL, FTLHyperParams
 from editing.evaluation.metrics import (
     METRICS, CaseScores, GenerationSettings, aggregate, fluency, harmonic_mean, ngram_entropy, object_probs,
@@ -287,7 +288,7 @@ def test_run_refuses_an_edited_model_and_a_bad_mode(tok) -> None:
 
 
 def test_cli_writes_json_and_plot(tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import editing.evaluation.evaluate as evaluate
+    import editing.evaluation.cli as evaluate
     import editing.loading as loading
 
     model = _llama(tok)
