@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_TOKENS = 128
 
 
+def _template_key(hp: RomeHyperParams) -> tuple[tuple[tuple[int, int], ...], int]:
+    """(templates, seed) as a hashable key; overrides from JSON arrive as lists."""
+    return tuple((int(n), int(c)) for n, c in hp.templates), hp.seed
+
+
 class RomeEditor:
     """Owns the edits applied to ``model``. Not thread-safe: callers serialise changes.
 
@@ -77,8 +82,7 @@ class RomeEditor:
 
     def context_templates(self, hp: RomeHyperParams | None = None) -> list[str]:
         """The context prefixes for ``hp``'s ``templates`` and ``seed`` (default: the editor's), from the unedited model."""
-        hp = hp or self.hparams
-        key = (tuple((int(n), int(c)) for n, c in hp.templates), hp.seed)  # lists from JSON overrides too
+        key = _template_key(hp or self.hparams)
         if key not in self._template_sets:
             with self.original_weights():
                 self._template_sets[key] = context_templates(self.model, self.tok, self.fingerprint, *key)
@@ -87,11 +91,11 @@ class RomeEditor:
     @property
     def _templates(self) -> list[str] | None:
         """The default hyperparameters' templates (tests set them to skip generation)."""
-        return self._template_sets.get((self.hparams.templates, self.hparams.seed))
+        return self._template_sets.get(_template_key(self.hparams))
 
     @_templates.setter
     def _templates(self, templates: list[str]) -> None:
-        self._template_sets[(self.hparams.templates, self.hparams.seed)] = templates
+        self._template_sets[_template_key(self.hparams)] = templates
 
     def cov(self, layer: int, n_samples: int | None = None, progress: Progress | None = None) -> torch.Tensor:
         """C = E[k kᵀ] at ``layer`` of the unedited model (float64, CPU)."""
