@@ -2,16 +2,21 @@
 recreated, damage is named for what it is, and a damaged edit can be left out on purpose."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from chat_app.runtime import Settings, check_not_emptied, remember
+from chat_app.runtime import Settings, check_not_emptied, closing_on_stop, remember
 from chat_app.service import EditService
 from chat_app.startup import replay
 from chat_app.transfer import export_file
@@ -65,6 +70,26 @@ def test_close_leaves_one_file_and_backup_writes_one_consistent_file(tmp_path: P
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
     with Ledger.open(target) as restored:
         assert len(restored.history()) == 2 and restored.model_fingerprint == FINGERPRINT
+
+
+@pytest.mark.parametrize("how", ["return", "error", "SIGINT", "SIGTERM"])
+def test_every_way_out_checkpoints_and_closes_the_ledger(tmp_path: Path, how: str) -> None:
+    ledger = Ledger.open(tmp_path / "ledger.db", FINGERPRINT)
+    fill(ledger, 2)
+    wal = tmp_path / "ledger.db-wal"
+    assert wal.stat().st_size > 0
+    before = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(RuntimeError), closing_on_stop(SimpleNamespace(ledger=ledger)):  # type: ignore[arg-type]
+        if how == "error":
+            raise RuntimeError("a crash in the app")
+        if how != "return":
+            os.kill(os.getpid(), getattr(signal, how))  # SIGTERM acts as Ctrl-C inside the block
+            time.sleep(5)  # interrupted long before this ends
+    assert not wal.exists() or wal.stat().st_size == 0
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+    wal.unlink(missing_ok=True)
+    with Ledger.open(tmp_path / "ledger.db") as reopened:
+        assert len(reopened.history()) == 2
 
 
 # ----- never recreate silently -------------------------------------------------------------------
