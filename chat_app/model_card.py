@@ -40,6 +40,11 @@ def cell(text: object) -> str:
     return _UNSAFE.sub(lambda m: f"&#{ord(m.group())};", str(text))
 
 
+def code(text: object) -> str:
+    """Text for inside a code span, where entities are not decoded: backticks and control characters removed."""
+    return re.sub(r"[`\x00-\x1f\x7f-\x9f]", "", str(text))
+
+
 def method_of(record: EditRecord) -> str:
     method = record.meta.get("method") or record.hparams.get("method") or "ROME (r-ROME)"
     hp = record.hparams
@@ -73,9 +78,9 @@ library_name: {"peft" if fmt == "peft" else "transformers"}
 ---
 # {cell(Path(source).name)} with {len(records)} ROME edit{"s" if len(records) != 1 else ""}
 
-Exported by rome-chat on {stamp:%Y-%m-%d %H:%M} UTC as **{fmt}**, from the ledger `{cell(service.ledger.where)}`.
+Exported by rome-chat on {stamp:%Y-%m-%d %H:%M} UTC as **{fmt}**, from the ledger `{code(service.ledger.where)}`.
 
-- Base model: `{cell(source)}` ({model_type}); its weights' fingerprint (SHA-256 over every parameter,
+- Base model: `{code(source)}` ({model_type}); its weights' fingerprint (SHA-256 over every parameter,
   as rome-chat computes it): `{editor.fingerprint}`.
 - The ledger is bound to model fingerprint `{service.ledger.model_fingerprint or editor.fingerprint}`;
   every edit below names the fingerprint it was made for.

@@ -6,6 +6,7 @@ Both are built from copies; the live model's weights are never touched. A LoRA a
 """
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.arch import get_module, is_transposed
 from editing.edit import RankOneEdit
@@ -27,15 +28,28 @@ def save_merged(
 ) -> None:
     """``save_pretrained`` (safetensors, config, generation config) of ``model`` with ``weights`` in place of its own.
 
-    ``weights``: parameter name -> tensor shaped like the parameter. The model is not modified.
+    ``weights``: parameter name -> tensor shaped like the parameter. The model is not modified. A model
+    dequantised from GGUF still names its source quantisation in its config, which transformers refuses to
+    save and a reader would try to apply; the checkpoint is written through a weightless twin without it.
     """
     state = model.state_dict()
     for name, tensor in weights.items():
         if name not in state or state[name].shape != tensor.shape:
             raise ValueError(f"{name} is not a parameter of this model's shape; cannot export it")
         state[name] = tensor
-    model.save_pretrained(dest, state_dict=state)
+    plain_twin(model).save_pretrained(dest, state_dict=state)
     tok.save_pretrained(dest)
+
+
+def plain_twin(model: PreTrainedModel) -> PreTrainedModel:
+    """The same architecture and generation config on the meta device, its config free of any quantisation."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        twin = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    twin.generation_config = copy.deepcopy(model.generation_config)
+    return twin
 
 
 def lora_factors(model: PreTrainedModel, edits: Sequence[RankOneEdit]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

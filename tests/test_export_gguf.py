@@ -105,3 +105,16 @@ def test_gguf_export_of_a_subset_and_refusal_of_a_mismatched_file(app: dict[str,
     with pytest.raises(ValueError, match="does not hold the model's unedited weights"):
         write_gguf(root / "tiny.gguf", tmp_path / "bad.gguf", {name: base}, {name: base + 1e-3})
     assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_hf_export_of_a_gguf_loaded_model_is_a_plain_checkpoint(app: dict[str, Any]) -> None:
+    """transformers refuses to save a GGUF-loaded model and its config names the quantisation: neither leaks out."""
+    import json
+
+    service, root = app["service"], app["root"]
+    assert getattr(service.model, "hf_quantizer", None) is not None  # as the app's GGUF models are
+    done = service.export_model(root / "hf", "hf")
+    assert "quantization_config" not in json.loads((done.path / "config.json").read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(done.path, dtype=torch.float32).eval()
+    assert getattr(loaded, "hf_quantizer", None) is None
+    assert (_logits(loaded) - _logits(service.model)).abs().max() <= 1e-5
