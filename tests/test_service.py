@@ -50,17 +50,8 @@ def test_crash_during_apply_leaves_the_state_before(ledger_path, monkeypatch, wh
         _break(monkeypatch, svc.ledger, where)
     elif where == "apply":
         _break(monkeypatch, svc.editor, "apply")
-    else:
-        calls = {"n": 0}
-        real = service_module.complete
-
-        def complete_then_crash(*args, **kwargs):  # type: ignore[no-untyped-def]
-            calls["n"] += 1
-            if calls["n"] > 1:  # the first call is the answer before; the next is after applying
-                raise RuntimeError("injected crash after the weights changed")
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(service_module, "complete", complete_then_crash)
+    else:  # the checks after applying: the answers before come from the completion cache, these from a batch
+        _break(monkeypatch, service_module, "complete_batch")
     with pytest.raises(RuntimeError, match="injected"):
         svc.apply(B)
     monkeypatch.undo()
