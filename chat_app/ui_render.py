@@ -18,7 +18,7 @@ from db import EditRecord, EventRecord
 
 HISTORY_HEADERS = ["id", "time (UTC)", "subject", "relation", "requested", "old → new answer", "layer", "status"]
 HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "markdown", "number", "str"]
-HISTORY_WIDTHS = ["44px", "150px", "16%", "20%", "11%", "20%", "58px", "116px"]  # no header wraps, status unclipped
+HISTORY_WIDTHS = ["44px", "150px", "15%", "19%", "11%", "19%", "76px", "120px"]  # no header wraps, status unclipped
 PROBE_HEADERS = ["check", "prompt", "expected", "before", "after", "holds"]
 PROBE_TYPES = ["str", "markdown", "markdown", "markdown", "markdown", "str"]
 VERIFY_HEADERS = ["id", "fact", "new object", "probes holding", "holds"]
