@@ -1,4 +1,4 @@
-"""Probe completions computed once: several prompts in one batched generation, remembered per weight state.
+"""Probe completions computed once: remembered per weight state, so no prompt is generated twice.
 
 An in-app edit answers the same prompts several times: the form's preview asks for the edited
 prompt's completion, then ``apply`` asks for it again (with the paraphrases and neighbours)
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from chat_app.probes import complete, first_sentence
+from chat_app.probes import complete
 from editing import RomeEditor
 
 State = tuple[str, ...]
@@ -35,21 +35,13 @@ def weights_state(editor: RomeEditor) -> State:
 def complete_batch(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS
 ) -> list[str]:
-    """``probes.complete`` of each prompt, generated as one left-padded batch (one prompt: exactly ``complete``).
+    """``probes.complete`` of each prompt, one after the other.
 
-    Padding is built here rather than by switching the shared tokenizer's padding side, which
-    other threads (statistics, chats) use at the same time.
+    A left-padded batch was tried and measured slower on this CPU (``bench/probe_batch.py``:
+    169 s against 102 s and 257 s against 183 s on two cases, under heavy load), and padding can
+    change a greedy answer in a near tie; the saving comes from remembering answers instead.
     """
-    if len(prompts) <= 1:
-        return [complete(model, tok, p, max_new_tokens) for p in prompts]
-    ids = [tok(p)["input_ids"] for p in prompts]
-    width = max(len(i) for i in ids)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids = torch.tensor([[pad] * (width - len(i)) + list(i) for i in ids], device=model.device)
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=model.device)
-    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad)  # fmt: skip
-    return [first_sentence(tok.decode(row[width:], skip_special_tokens=True)) for row in out]
+    return [complete(model, tok, p, max_new_tokens) for p in prompts]
 
 
 class CompletionCache:
@@ -73,7 +65,7 @@ class CompletionCache:
             return self._items.get((state, prompt))
 
     def answers(self, editor: RomeEditor, prompts: Sequence[str]) -> list[str]:
-        """The completion of each prompt on ``editor``'s current weights: remembered ones reused, the rest batched.
+        """The completion of each prompt on ``editor``'s current weights: remembered ones reused, the rest generated.
 
         The caller holds the weights steady (the service's read lock) for the duration.
         """
