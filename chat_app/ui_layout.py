@@ -102,8 +102,9 @@ def history_tab(service: EditService) -> SimpleNamespace:
             h.detail = gr.Markdown("Select a row of the table to see an edit's detail and audit trail.",
                                    elem_id="history-detail")  # fmt: skip
         with gr.Column(scale=2):
-            h.selected = inputs.Number(None, label="Selected edit id", precision=0, elem_id="history-selected",
-                                   placeholder="click a row of the table")  # fmt: skip
+            # A Textbox, not a Number: a Number shows 0 when nothing is selected. The handlers parse whole numbers.
+            h.selected = inputs.Textbox(label="Selected edit id", placeholder="click a row of the table", max_lines=1,
+                                    elem_id="history-selected")  # fmt: skip
             with gr.Row():
                 h.revert = gr.Button("Revert", variant="stop", interactive=writable, elem_id="history-revert")
                 h.reapply = gr.Button("Re-apply", interactive=writable, elem_id="history-reapply")

@@ -19,7 +19,7 @@ from db import EditRecord, EventRecord
 HISTORY_HEADERS = ["id", "time (UTC)", "subject", "relation", "requested", "old → new answer", "layer", "status",
                    "author"]
 HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "markdown", "number", "str", "markdown"]
-HISTORY_WIDTHS = ["44px", "150px", "14%", "18%", "10%", "18%", "58px", "116px", "9%"]  # no header wraps, status unclipped
+HISTORY_WIDTHS = ["44px", "150px", "13%", "17%", "10%", "17%", "76px", "120px", "9%"]  # no header wraps, status unclipped
 PROBE_HEADERS = ["check", "prompt", "expected", "before", "after", "holds"]
 PROBE_TYPES = ["str", "markdown", "markdown", "markdown", "markdown", "str"]
 VERIFY_HEADERS = ["id", "fact", "new object", "probes holding", "holds"]

@@ -166,7 +166,7 @@ def test_correct_a_fact_see_it_in_chat_and_history_then_revert(page: object) -> 
     assert "rome" not in reverted.lower(), reverted
 
     tab(page, "Locate")
-    page.get_by_label("Prompt").fill(QUESTION_PROMPT)
+    page.get_by_label("Prompt", exact=True).fill(QUESTION_PROMPT)
     page.get_by_label("Subject (as written in the prompt)").fill("The Eiffel Tower")
     page.locator("#locate-quick").click()
     wait_for_text(page.locator("#locate-summary"), "Quick approximation", 120)
