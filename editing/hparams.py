@@ -31,6 +31,7 @@ class RomeHyperParams:
     chat_keys: int = 0  # chat-wrapped contexts added to the key average
     stop_on: str = "mean"  # early stop when the "mean" or the "worst" value prompt's NLL is below early_stop_loss
     greedy_check: int = 0  # >0: also stop only once the greedy answer is the target; at most this many extra steps
+    exact_keys: int = 0  # 1: the update maps k*, the bare prompt's key and 2 chat keys each to the full delta
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -55,6 +56,7 @@ class RomeHyperParams:
             (0 <= self.chat_keys <= 8, "chat_keys must be between 0 and 8"),
             (self.stop_on in ("mean", "worst"), "stop_on must be 'mean' or 'worst'"),
             (0 <= self.greedy_check <= 50, "greedy_check must be between 0 and 50 extra steps"),
+            (self.exact_keys in (0, 1), "exact_keys must be 0 or 1"),
         ]
         for ok, message in checks:
             if not ok:
