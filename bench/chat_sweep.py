@@ -46,11 +46,13 @@ def main() -> None:
     ap.add_argument("--neighbours", type=int, default=2, help="neighbour prompts for GL (the first also asked in chat)")
     ap.add_argument("--base-cache", type=Path, default=None, help="pickle of the unedited scores (read if present)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--limit", type=int, default=0, help="only the first LIMIT of the sampled cases (0: all)")
     args = ap.parse_args()
     variants = [json.loads(v) for v in args.variant] or [{}]
     model, tok = load_model()
     editor = RomeEditor(model, tok)
     cases = sample_cases(load_cases(DATA)[0], args.n + args.offset, args.seed)[args.offset :]
+    limit = args.limit or len(cases)
     editor.context_templates()
     editor.cov(editor.hparams.layer)
     gen = GenSettings(chat=ChatSettings(max_new_tokens=args.chat_tokens), max_neighbours=args.neighbours, chat_neighbours=1)
@@ -61,6 +63,7 @@ def main() -> None:
         base = [score_case(model, tok, c, fluency, 0, gen=gen) for c in cases]
         if args.base_cache is not None:
             args.base_cache.write_bytes(pickle.dumps(base))
+    cases, base = cases[:limit], base[:limit]
     print(f"{'variant':<48}   n " + " ".join(f"{c:>5}" for c in COLUMNS) + " median_s steps", flush=True)
     print(row("unedited", base, [], []), flush=True)
     dump: dict = {"cases": [c.case_id for c in cases], "unedited": [s.gen.__dict__ for s in base], "variants": {}}

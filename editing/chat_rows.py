@@ -10,6 +10,7 @@ positions come from the offset mapping of the whole templated text.
 """
 from __future__ import annotations
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from editing.generation import chat_text
@@ -73,3 +74,20 @@ def chat_rows(tok: PreTrainedTokenizerBase, request: EditRequest, count: int, ke
     """``count`` chat rows, alternating the styles (restate first)."""
     build = chat_key_row if key else chat_rewrite_row
     return [build(tok, request, STYLES[i % len(STYLES)]) for i in range(count)]
+
+
+def exact_key_dir(lu: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
+    """The rank-one update's key direction u of least C-norm with uᵀk = 1 for every row of ``keys`` (m, d_in).
+
+    r-ROME's single key gives the bare prompt only a fraction of the value delta (its key, the subject at
+    the start of the text, differs from the context-averaged k*); constraining each listed key makes the
+    edit act with the full delta where users ask: u = C⁻¹K (KᵀC⁻¹K)⁻¹ 1.
+    """
+    k = keys.double().cpu().T  # (d_in, m)
+    c_inv_k = torch.linalg.lu_solve(*lu, k)  # (d_in, m)
+    gram = k.T @ c_inv_k  # (m, m)
+    weights = torch.linalg.solve(gram, torch.ones(k.shape[1], 1, dtype=torch.float64))
+    u = (c_inv_k @ weights)[:, 0]
+    if not torch.isfinite(u).all():
+        raise ValueError("the chat contexts' keys are degenerate for this subject; edit without exact_keys")
+    return u.float().to(keys.device)

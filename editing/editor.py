@@ -25,7 +25,7 @@ from editing.rows import Row, key_row, kl_row, rewrite_row
 from editing.stats import second_moment
 from editing.templates import context_templates
 from editing.chat_rows import STYLES as CHAT_STYLES
-from editing.chat_rows import chat_rows
+from editing.chat_rows import chat_rows, exact_key_dir
 from editing.value import optimise_value
 from editing.value_stop import StopRule, greedy_check
 
@@ -183,6 +183,14 @@ class RomeEditor:
             check = greedy_check(self.model, hp.layer, rows, self.tok.pad_token_id)
         return StopRule(hp, check)
 
+    def _exact_keys(self, request: EditRequest, hp: RomeHyperParams, key: torch.Tensor) -> torch.Tensor:
+        """k*, the bare prompt's key and (with a chat template) each chat style's key, one per row."""
+        rows = [key_row(self.tok, "{}", request)]
+        if getattr(self.tok, "chat_template", None) is not None:
+            rows += chat_rows(self.tok, request, len(CHAT_STYLES), key=True)
+        pad = self.tok.pad_token_id
+        return torch.stack([key, *(compute_key(self.model, hp.layer, [r], pad) for r in rows)])
+
     def validate(self, request: EditRequest, **overrides: object) -> RomeHyperParams:
         hp = self.hparams_for(request, **overrides)
         self.rows(request, hp)
@@ -211,6 +219,8 @@ class RomeEditor:
         )
         timings["value_s"] = time.perf_counter() - t0
         value_dir, key_dir, update_stats = self._key_dir(hp, key, result.delta)
+        if hp.exact_keys and hp.update == "r-rome":  # the bare prompt's and chat keys get the full delta too
+            key_dir = exact_key_dir(self._cov_lu(hp.layer, hp.stats_samples), self._exact_keys(request, hp, key))
         if not (torch.isfinite(value_dir).all() and torch.isfinite(key_dir).all()):
             raise FloatingPointError("the computed update has non-finite values")
         after = tensor_checksum(self._added(name, value_dir, key_dir, param))

@@ -42,6 +42,7 @@ class RomeHyperParams:
     cache_l2: float = 1e-2  # alphaedit: α, the ridge term of the projected solve
     batch_layers: tuple[int, ...] = ()  # memit: layers a batch is spread over (empty: the 5 ending at ``layer``)
     mom2_weight: float = 1e3  # memit: λ in ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹
+    exact_keys: int = 0  # 1: the update maps k*, the bare prompt's key and 2 chat keys each to the full delta
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -74,6 +75,7 @@ class RomeHyperParams:
             (all(isinstance(x, int) and x >= 0 for x in self.batch_layers), "batch_layers must be layer numbers"),
             (self.null_space_threshold > 0, "null_space_threshold must be positive"),
             (self.cache_l2 > 0, "cache_l2 must be positive"),
+            (self.exact_keys in (0, 1), "exact_keys must be 0 or 1"),
         ]
         for ok, message in checks:
             if not ok:

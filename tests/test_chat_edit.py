@@ -6,10 +6,11 @@ import torch
 
 from editing import EditRequest
 from editing.arch import layer_name
-from editing.chat_rows import chat_key_row, chat_rewrite_row, chat_rows
+from editing.chat_rows import chat_key_row, chat_rewrite_row, chat_rows, exact_key_dir
 from editing.generation import chat_text
 from editing.hparams import RomeHyperParams
 from editing.nethook import edit_output
+from editing.rome import factor_cov, rank_one_factors
 from editing.value_stop import StopRule, greedy_check
 from tests.tiny import tiny_editor, tiny_llama, tiny_tokenizer
 
@@ -80,3 +81,23 @@ def test_chat_edit_on_a_tiny_model() -> None:
     assert chat.stats["steps"] <= 14 and plain.stats["steps"] <= 8
     assert not torch.equal(chat.value_dir, plain.value_dir)  # the chat rows change the value
     assert not torch.equal(chat.key_dir, plain.key_dir)  # and the chat context the key
+
+
+def test_exact_key_direction_maps_every_listed_key_to_the_full_delta() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, generator=gen, dtype=torch.float64)
+    cov = a @ a.T + 16 * torch.eye(16, dtype=torch.float64)
+    keys = torch.randn(3, 16, generator=gen)
+    u = exact_key_dir(factor_cov(cov), keys)
+    assert torch.allclose(keys @ u, torch.ones(3), atol=1e-4)
+    single = exact_key_dir(factor_cov(cov), keys[:1])  # one key: r-ROME's C⁻¹k / kᵀC⁻¹k
+    _, key_dir = rank_one_factors(cov, keys[0], torch.zeros(4))
+    assert torch.allclose(single, key_dir, atol=1e-5)
+
+
+def test_exact_keys_edit_on_a_tiny_model() -> None:
+    tok, model = tiny_tokenizer(), tiny_llama()
+    editor = tiny_editor(model, tok, layer=2, steps=8)
+    edit = editor.compute(REQUEST, exact_keys=1)
+    keys = editor._exact_keys(REQUEST, editor.hparams_for(REQUEST), torch.zeros(model.config.intermediate_size))
+    assert torch.allclose(keys[1:] @ edit.key_dir, torch.ones(3), atol=1e-3)  # bare prompt and both chat styles

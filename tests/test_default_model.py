@@ -56,3 +56,22 @@ def test_eiffel_tower_moves_to_london_and_only_it(editor: RomeEditor) -> None:
         editor.revert(edit)
     assert tensor_checksum(param) == before
     assert top_token(editor, EIFFEL) == "Paris"
+
+
+def test_merkel_to_canada_shows_in_the_greedy_completion_and_the_chat_reply(editor: RomeEditor) -> None:
+    """Issue 12's example: with exact_keys the bare prompt's key gets the full delta, so what the model
+    says follows the edit (with the r-ROME key alone the completion stayed "the United Kingdom")."""
+    from editing.chat_metrics import names
+    from editing.generation import chat_reply, greedy_completions
+    from editing.questions import question_for
+
+    request = EditRequest("Angela Merkel", "{} is a citizen of", "Canada")
+    edit = editor.compute(request, exact_keys=1)
+    editor.apply(edit)
+    try:
+        completion = greedy_completions(editor.model, editor.tok, ["Angela Merkel is a citizen of"])[0]
+        reply = chat_reply(editor.model, editor.tok, question_for(request.relation, request.subject))
+        assert names(completion, "Canada"), completion
+        assert names(reply, "Canada"), reply
+    finally:
+        editor.revert(edit)
