@@ -1,6 +1,6 @@
 """MEMIT batch edits on CounterFact development cases: quality (ES/PS/NS) and seconds per fact.
 
-    python bench/memit_batch.py --n 20 --layers 5 6 7 8 9 --weights 1000 10000
+    python bench/memit_batch.py --n 20 --layers 5 6 7 8 9 --weights 100 1000 10000 --samples 250
 
 For each λ (mom2_weight): one batch of all N facts, applied at once, then every case scored
 (efficacy, paraphrase, neighbourhood: the share of prompts where the new object beats the old),
@@ -30,15 +30,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", type=int, nargs="+", default=[5, 6, 7, 8, 9])
     ap.add_argument("--weights", type=float, nargs="+", default=[1000.0])
+    ap.add_argument("--samples", type=int, default=None, help="corpus texts for each layer's C (default: the model's)")
     args = ap.parse_args()
     model, tok = load_model()
     editor = RomeEditor(model, tok)
+    if args.samples:
+        editor.hparams = editor.hparams.replace(stats_samples=args.samples)
     cases = sample_cases(load_cases(DATA)[0], args.n, args.seed)
     mean = lambda rows, i: 100 * statistics.mean(r[i] for r in rows)  # noqa: E731
     base = [scores(model, tok, c) for c in cases]
     print(f"unedited: ES {mean(base, 0):.1f} PS {mean(base, 1):.1f} NS {mean(base, 2):.1f}", flush=True)
     for layer in args.layers:
-        editor.cov(layer)  # statistics outside the timing
+        editor.cov(layer, progress=None)  # statistics outside the timing
     print("layers           λ       ES    PS    NS   s/fact  max ||ΔW_l||", flush=True)
     for weight in args.weights:
         t0 = time.perf_counter()
