@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import make_url
 
+from chat_app.fact_file import read_facts
 from chat_app.reader import LedgerReader
 from chat_app.settings import Settings, ledger_url
 from db import Ledger
@@ -34,10 +35,13 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    edit = sub.add_parser("edit", help="apply a new fact")
-    edit.add_argument("--subject", required=True)
-    edit.add_argument("--relation", required=True, help='template with {} for the subject, e.g. "{} is located in"')
-    edit.add_argument("--target", required=True)
+    edit = sub.add_parser("edit", help="apply a new fact (or the facts of --file)")
+    edit.add_argument("--subject")
+    edit.add_argument("--relation", help='template with {} for the subject, e.g. "{} is located in"')
+    edit.add_argument("--target")
+    edit.add_argument("--file", help="facts from a .json, .jsonl or .csv file (subject/relation/target or "
+                      "EasyEdit's prompt/subject/target_new); refused whole if any row is bad")
+    edit.add_argument("--dry-run", action="store_true", help="with --file: check and list the facts, apply nothing")
     edit.add_argument("--layer", type=int)
     edit.add_argument("--paraphrase", action="append", default=[], help="a prompt to check (repeatable)")
     edit.add_argument("--neighbour", action="append", default=[], help="a prompt that must not change (repeatable)")
@@ -123,7 +127,11 @@ def run_command(args: argparse.Namespace, service: EditService) -> int:
     cmd = args.command
     if cmd in READ_COMMANDS:
         return run_read_command(args, LedgerReader(service.ledger))
+    if cmd == "edit" and args.file:
+        return _edit_file(args, service)
     if cmd == "edit":
+        if not (args.subject and args.relation and args.target):
+            raise ValueError("edit needs --subject, --relation and --target, or --file")
         request = EditRequest(args.subject, args.relation, args.target, args.layer)
         result = service.apply(request, paraphrases=args.paraphrase, neighbours=args.neighbour, note=args.note,
                                allow_outlier=args.force, force=args.force, progress=_progress)  # fmt: skip
@@ -181,8 +189,28 @@ def _without_model(args: argparse.Namespace, settings: Settings) -> int | None:
     return None
 
 
+def _edit_file(args: argparse.Namespace, service: EditService) -> int:
+    """``edit --file``: every row checked before any is applied; a per-fact result table."""
+    if args.subject or args.relation or args.target:
+        raise ValueError("use either --file or --subject/--relation/--target, not both")
+    from chat_app.fact_batch import apply_facts
+
+    facts = read_facts(args.file)
+    done = lambda i, n: log.info("fact %d of %d", i, n)  # noqa: E731
+    outcomes = apply_facts(service, facts, dry_run=args.dry_run, note=args.note, on_fact=done)
+    rows = [o.to_dict() for o in outcomes]
+    applied = sum(o.status == "applied" for o in outcomes)
+    head = (f"{len(facts)} facts checked, nothing applied (dry run)" if args.dry_run
+            else f"applied {applied} of {len(facts)} facts")  # fmt: skip
+    _emit(args, {"facts": rows, "applied": applied, "dry_run": args.dry_run},
+          f"{head}\n{_table(rows, ['line', 'subject', 'relation', 'target', 'status', 'edit_id', 'detail'])}")
+    return 0 if args.dry_run or applied == len(facts) else 1
+
+
 def main(args: argparse.Namespace, settings: Settings) -> int:
     try:
+        if getattr(args, "file", None):
+            read_facts(args.file)  # a refused file is reported before the model loads
         code = _without_model(args, settings)
         if code is not None:
             return code
