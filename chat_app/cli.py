@@ -214,7 +214,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         code = _without_model(args, settings)
         if code is not None:
             return code
-        if args.command in READ_COMMANDS:
+        if args.command in READ_COMMANDS and not settings.skip_edits:  # --skip-edit quarantines at start-up
             return run_read_command(args, LedgerReader.open(settings))
         from chat_app.runtime import build_service, closing_on_stop
 

@@ -77,6 +77,19 @@ class _Checked:
         return text(payload, _name(self))  # type: ignore[arg-type]
 
 
+class IdBox(_Checked, gr.Textbox):
+    """A text box for an edit id: empty until chosen (a Number would show 0); takes a whole number or its digits."""
+
+    is_template = True
+
+    def check(self, payload: Any) -> Any:
+        if isinstance(payload, int) and not isinstance(payload, bool):
+            return str(payload)
+        if payload is None or (isinstance(payload, str) and (not payload.strip() or payload.strip().isdigit())):
+            return payload
+        raise refuse(f"{_name(self)} must be a number, got {kind(payload)}: {payload!r:.80}")
+
+
 class Textbox(_Checked, gr.Textbox):
     is_template = True
 

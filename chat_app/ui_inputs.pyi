@@ -157,3 +157,21 @@ class File(_Checked, gr.File):
         from gradio.components.base import Component
 
     
+class IdBox(_Checked, gr.Textbox):
+    """A text box for an edit id: empty until chosen (a Number would show 0); takes a whole number or its digits."""
+
+    is_template = True
+
+    def check(self, payload: Any) -> Any:
+        if isinstance(payload, int) and not isinstance(payload, bool):
+            return str(payload)
+        if payload is None or (isinstance(payload, str) and (not payload.strip() or payload.strip().isdigit())):
+            return payload
+        raise refuse(f"{_name(self)} must be a number, got {kind(payload)}: {payload!r:.80}")
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+    

@@ -103,7 +103,7 @@ def history_tab(service: EditService) -> SimpleNamespace:
                                    elem_id="history-detail")  # fmt: skip
         with gr.Column(scale=2):
             # A Textbox, not a Number: a Number shows 0 when nothing is selected. The handlers parse whole numbers.
-            h.selected = inputs.Textbox(label="Selected edit id", placeholder="click a row of the table", max_lines=1,
+            h.selected = inputs.IdBox(label="Selected edit id", placeholder="click a row of the table", max_lines=1,
                                     elem_id="history-selected")  # fmt: skip
             with gr.Row():
                 h.revert = gr.Button("Revert", variant="stop", interactive=writable, elem_id="history-revert")

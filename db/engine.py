@@ -7,8 +7,12 @@ position" cannot interleave with another process; readers use a plain deferred `
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ from db.schema import LedgerError
 
 logger = logging.getLogger(__name__)
 
+CREATE_WAIT_S = 10.0  # how long an opener waits for another process creating the same new ledger
 BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another process's lock
 # Checkpoint after every commit that leaves a page in the WAL (SQLite's default waits for 1000): the
 # database file then holds every committed change, and a lost -wal file loses nothing (db.durability).
@@ -67,16 +72,26 @@ def sqlite_file(url: URL) -> Path | None:
     return Path(url.database)
 
 
+def _make_folders(path: Path) -> None:
+    """The missing folders above ``path``, readable by the owner only."""
+    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    try:
+        for folder in reversed(missing):
+            folder.mkdir(mode=0o700)
+    except FileExistsError:  # another process made it meanwhile
+        pass
+    except OSError as err:
+        raise LedgerError(f"cannot create the folder for the ledger {path}: {err.strerror}; choose another --db path") from err
+
+
 def create_private_file(path: Path) -> None:
     """Create ``path`` (and missing folders) readable by the owner only, if it does not exist yet.
 
     SQLite gives its ``-wal`` and ``-shm`` files the database file's permissions, so creating
     the file ourselves first keeps all three private.
     """
-    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    _make_folders(path)
     try:
-        for folder in reversed(missing):
-            folder.mkdir(mode=0o700)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:
         mode = path.stat().st_mode & 0o777
@@ -87,6 +102,46 @@ def create_private_file(path: Path) -> None:
         raise LedgerError(f"cannot create the ledger file {path}: {err.strerror}; choose another --db path") from err
     os.close(fd)
     logger.info("created ledger file %s (mode 600)", path)
+
+
+@contextmanager
+def creating(path: Path, wait_s: float = CREATE_WAIT_S) -> Iterator[bool]:
+    """Yield whether this process creates the SQLite file ``path``; its creator holds a lock on it meanwhile.
+
+    Several instances may open one new ledger at the same moment. The one that creates the file
+    holds an exclusive ``flock`` on it while it builds the schema; another waits for that lock (at
+    most ``wait_s``; no wait at all for a file nobody is creating) before it judges the file, so it
+    never takes a ledger being created for one that lost its edits.
+    """
+    _make_folders(path)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except FileExistsError:
+        _wait_for_creator(path, wait_s)  # at once unless another process is creating it right now
+        yield False
+        return
+    except OSError as err:
+        raise LedgerError(f"cannot create the ledger file {path}: {err.strerror}; choose another --db path") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        logger.info("created ledger file %s (mode 600)", path)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _wait_for_creator(path: Path, wait_s: float) -> None:
+    with open(path, "rb") as f:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.05)
 
 
 def _on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import durability
-from db.engine import READ_ONLY, create_ledger_engine, describe, sqlite_file, to_url
+from db.engine import READ_ONLY, create_ledger_engine, creating, describe, sqlite_file, to_url
 from db.postgres import serialise_writers
 from db.queries import LedgerReads, load_edit, normalise
 from db.records import check_hex64, validate_meta, validate_probes
@@ -45,21 +46,22 @@ class Ledger(LedgerReads, durability.LedgerFiles):
         self.url = url if isinstance(url, URL) else make_url(to_url(url))
         self.where = describe(self.url)
         self.file = sqlite_file(self.url)  # None unless a SQLite file
-        new = self.file is None or not self.file.exists()  # only a path that did not exist may start empty
-        durability.refuse_missing_tables(None, self.where, self.file, new)
-        self._engine = create_ledger_engine(self.url)
-        self._closed = False
-        serialise_writers(self._engine)  # PostgreSQL: one writer at a time, as SQLite's BEGIN IMMEDIATE
-        try:
-            durability.refuse_missing_tables(self._engine, self.where, self.file, new)
-            prepare_schema(self._engine, self.where)
-        except SQLAlchemyError as err:
-            self._engine.dispose()
-            reason = getattr(err, "orig", None) or err
-            raise LedgerError(f"cannot open ledger {self.where}: {reason}; check the --db path") from err
-        except LedgerError:
-            self._engine.dispose()
-            raise
+        with creating(self.file) if self.file is not None else nullcontext(True) as new:
+            # only a path that did not exist may start empty
+            durability.refuse_missing_tables(None, self.where, self.file, new)
+            self._engine = create_ledger_engine(self.url)
+            self._closed = False
+            serialise_writers(self._engine)  # PostgreSQL: one writer at a time, as SQLite's BEGIN IMMEDIATE
+            try:
+                durability.refuse_missing_tables(self._engine, self.where, self.file, new)
+                prepare_schema(self._engine, self.where)
+            except SQLAlchemyError as err:
+                self._engine.dispose()
+                reason = getattr(err, "orig", None) or err
+                raise LedgerError(f"cannot open ledger {self.where}: {reason}; check the --db path") from err
+            except LedgerError:
+                self._engine.dispose()
+                raise
         self._write = sessionmaker(self._engine, expire_on_commit=False)
         self._read = sessionmaker(self._engine.execution_options(**{READ_ONLY: True}))
 
