@@ -5,21 +5,19 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from editing.arch import get_module, is_transposed, mlp_out_param_name, n_layers, rank_one_delta
+from editing.arch import get_module, is_transposed, mlp_out_param_name, n_layers
 from editing.edit import RankOneEdit
 from editing.fingerprint import identify_model, tensor_checksum
 from editing.memit import BatchEdit, compute_batch
-from editing.nethook import replace_weights
 from editing.hparams import RomeHyperParams, default_hparams
 from editing.projection import Projection, null_space_projection, projected_key_dir, recover_key, stack_keys
 from editing.request import EditRequest
+from editing.weights import EditedWeights
 from editing.rome import Progress, compute_key, factor_cov, rank_one_factors
 from editing.rows import Row, key_row, kl_row, rewrite_row
 from editing.stats import second_moment
@@ -38,7 +36,7 @@ def _template_key(hp: RomeHyperParams) -> tuple[tuple[tuple[int, int], ...], int
     return tuple((int(n), int(c)) for n, c in hp.templates), hp.seed
 
 
-class RomeEditor:
+class RomeEditor(EditedWeights):
     """Owns the edits applied to ``model``. Not thread-safe: callers serialise changes.
 
     Invariant: every edited parameter equals its baseline plus the applied edits' factors,
@@ -271,156 +269,3 @@ class RomeEditor:
                                                 checksum_after=tensor_checksum(state[e.param_name])))  # fmt: skip
             facts.append(tuple(done))
         return dataclasses.replace(batch, facts=tuple(facts))
-
-    # ----- weights ----------------------------------------------------------------------
-    def _current(self, name: str) -> torch.Tensor:
-        """The parameter as this thread's forward passes see it (``view`` overrides the live one)."""
-        view = getattr(self._local, "view", None) or {}
-        return view[name] if name in view else self.model.get_parameter(name).detach()
-
-    def _sum(self, name: str, edits: Sequence[RankOneEdit]) -> torch.Tensor:
-        """Baseline of ``name`` plus those of ``edits`` that touch it, added in order as ``_rebuild`` does."""
-        tensor = self._baseline.get(name, self.model.get_parameter(name)).detach()
-        for edit in edits:
-            if edit.param_name == name:
-                tensor = self._added(name, edit.value_dir, edit.key_dir, tensor)
-        return tensor
-
-    @contextmanager
-    def view(self, without: Sequence[RankOneEdit] = (), extra: Sequence[RankOneEdit] = ()) -> Iterator[None]:
-        """Forward passes and ``compute`` in this thread see the applied edits less ``without``, then ``extra``.
-
-        The parameters are untouched: other threads see the live weights. The view's tensors are
-        bit-identical to what ``revert`` of ``without`` followed by ``apply`` of ``extra`` would leave,
-        so an edit computed inside ``view(without=old)`` is computed on the weights it will be applied to.
-        """
-        for edit in extra:
-            self._check(edit)
-        names = {e.param_name for e in (*without, *extra)}
-        if not names:
-            yield
-            return
-        kept = [e for e in self._applied if not any(e is w for w in without)] + list(extra)
-        state = {name: self._sum(name, kept) for name in names}
-        self._local.view, self._local.without = state, tuple(without)
-        try:
-            with replace_weights(self.model, state):
-                yield
-        finally:
-            self._local.view, self._local.without = None, ()
-
-    def _added(
-        self, name: str, value_dir: torch.Tensor, key_dir: torch.Tensor, base: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``base`` (default: the parameter) plus ``value_dir ⊗ key_dir``, added in float32 and cast once (not in place)."""
-        param = self.model.get_parameter(name) if base is None else base
-        module = get_module(self.model, name.rsplit(".", 1)[0])
-        delta = rank_one_delta(module, value_dir.to(param.device), key_dir.to(param.device))
-        return (param.detach().float() + delta).to(param.dtype)
-
-    def _check(self, edit: RankOneEdit) -> None:
-        if edit.fingerprint != self.fingerprint:
-            raise ValueError(
-                f"this edit was made for another model (fingerprint {edit.fingerprint[:12]}…, "
-                f"this model is {self.fingerprint[:12]}…)"
-            )
-        param = self.model.get_parameter(edit.param_name)
-        shape = param.shape
-        module = get_module(self.model, edit.param_name.rsplit(".", 1)[0])
-        d_out, d_in = (shape[1], shape[0]) if is_transposed(module) else (shape[0], shape[1])
-        if edit.value_dir.numel() != d_out or edit.key_dir.numel() != d_in:
-            raise ValueError(f"edit factors do not fit {edit.param_name} {tuple(shape)}")
-
-    @torch.no_grad()
-    def apply(self, edit: RankOneEdit | BatchEdit) -> str:
-        """Add ``edit`` (or every share of a batch) on top of the applied ones; return the (last) parameter's checksum."""
-        if isinstance(edit, BatchEdit):
-            for share in edit.edits:
-                self._check(share)
-            return [self.apply(share) for share in edit.edits][-1]
-        self._check(edit)
-        if any(e is edit for e in self._applied):
-            raise ValueError("this edit is already applied")
-        param = self.model.get_parameter(edit.param_name)
-        self._baseline.setdefault(edit.param_name, param.detach().clone())
-        param.copy_(self._added(edit.param_name, edit.value_dir, edit.key_dir))
-        self._applied.append(edit)
-        return tensor_checksum(param)
-
-    @torch.no_grad()
-    def revert(self, edit: RankOneEdit | BatchEdit) -> str:
-        """Remove ``edit`` (or a batch's shares): rebuild its parameters from the baseline plus the remaining edits."""
-        removed = edit.edits if isinstance(edit, BatchEdit) else (edit,)
-        if not all(any(e is r for e in self._applied) for r in removed):
-            raise ValueError("this edit is not applied")
-        self._applied = [e for e in self._applied if not any(e is r for r in removed)]
-        return [self._rebuild(name) for name in dict.fromkeys(r.param_name for r in removed)][-1]
-
-    @torch.no_grad()
-    def _rebuild(self, name: str) -> str:
-        param = self.model.get_parameter(name)
-        param.copy_(self._baseline[name])
-        for edit in self._applied:
-            if edit.param_name == name:
-                param.copy_(self._added(name, edit.value_dir, edit.key_dir))
-        return tensor_checksum(param)
-
-    @torch.no_grad()
-    def rebuild(self, edits: list[RankOneEdit]) -> None:
-        """Make the weights exactly baseline + ``edits`` in this order (e.g. to match a ledger)."""
-        for edit in edits:
-            self._check(edit)
-            param = self.model.get_parameter(edit.param_name)
-            self._baseline.setdefault(edit.param_name, param.detach().clone())
-        self._applied = list(edits)
-        for name in self._baseline:
-            self._rebuild(name)
-
-    @torch.no_grad()
-    def reset(self) -> None:
-        """Back to the unedited weights."""
-        for name, base in self._baseline.items():
-            self.model.get_parameter(name).copy_(base)
-        self._applied = []
-
-    @torch.no_grad()
-    def sequence_checksums(self, names: set[str] | None = None) -> list[str | None]:
-        """For each applied edit, in order: its parameter's checksum right after it was added.
-
-        With ``names``, only edits of those parameters are hashed (the others get None): a revert
-        changes the states of later edits of its own parameter only.
-        """
-        state = {name: base for name, base in self._baseline.items() if names is None or name in names}
-        sums: list[str | None] = []
-        for edit in self._applied:
-            if edit.param_name not in state:
-                sums.append(None)
-                continue
-            state[edit.param_name] = self._added(edit.param_name, edit.value_dir, edit.key_dir, state[edit.param_name])
-            sums.append(tensor_checksum(state[edit.param_name]))
-        return sums
-
-    @torch.no_grad()
-    def weights_with(self, edits: list[RankOneEdit]) -> dict[str, torch.Tensor]:
-        """Every parameter the applied edits or ``edits`` touch, as its baseline plus ``edits`` in order.
-
-        New tensors, added exactly as ``apply`` adds them (so with ``edits == applied`` they equal the
-        live weights bit for bit); the model's weights are unchanged on return.
-        """
-        for edit in edits:
-            self._check(edit)
-        names = list(self._baseline) + [e.param_name for e in edits if e.param_name not in self._baseline]
-        state = {name: self._baseline.get(name, self.model.get_parameter(name)).detach().clone() for name in names}
-        for edit in edits:
-            state[edit.param_name] = self._added(edit.param_name, edit.value_dir, edit.key_dir, state[edit.param_name])
-        return state
-
-    @property
-    def applied(self) -> tuple[RankOneEdit, ...]:
-        return tuple(self._applied)
-
-    @contextmanager
-    def original_weights(self) -> Iterator[None]:
-        """Forward passes in this thread see the unedited weights; the parameters are not touched."""
-        with replace_weights(self.model, dict(self._baseline)):
-            yield
