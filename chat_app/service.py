@@ -185,7 +185,7 @@ class EditService(LedgerSync, LedgerChecks):
                     self._refuse(request, str(err), actor, before[0][2])
                     raise ValueError(f"edit refused: {err}") from err
                 reason = self._guard(edit, allow_outlier)
-                probes = () if reason else self._after_probes(request, edit, before)
+                probes = () if reason else self._after_probes(request, edit, before, old_edits)
             if not reason and not probes[0].holds and not force and self.min_target_prob > 0:
                 reason = (f"the edited prompt still answers {probes[0].after!r}, which does not name {request.target!r}; "
                           "try more steps, a higher learning rate or another layer, or apply anyway (force)")  # fmt: skip
@@ -220,9 +220,10 @@ class EditService(LedgerSync, LedgerChecks):
                 progress("done", 1.0)
             return ApplyResult(edit_id, self.ledger.get(edit_id), probes, tuple(r.id for r in old), edit.stats)
 
-    def _after_probes(self, request: EditRequest, edit: RankOneEdit, before: list[tuple[str, str, str]]) -> tuple[Probe, ...]:
-        """Each probe answered by the model as it will be once ``edit`` is applied (this thread only)."""
-        with self.editor.view(extra=[edit]):
+    def _after_probes(self, request: EditRequest, edit: RankOneEdit, before: list[tuple[str, str, str]],
+                      old: list[RankOneEdit]) -> tuple[Probe, ...]:  # fmt: skip
+        """Each probe answered by the model as it will be once ``old`` is reverted and ``edit`` applied (this thread only)."""
+        with self.editor.view(without=old, extra=[edit]):
             afters = complete_batch(self.model, self.tok, [p for p, k, _ in before if k != "chat"])
             afters += [answer(self.model, self.tok, p, k) for p, k, _ in before if k == "chat"]  # the chat row is last
         return tuple(Probe(p, k, request.target if k != "neighbour" else b, b, a)

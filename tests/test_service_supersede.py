@@ -27,6 +27,7 @@ def test_superseding_edit_equals_the_same_edit_on_a_fresh_ledger(tmp_path, caplo
     assert ours.checksum_before == theirs.checksum_before and ours.checksum_after == theirs.checksum_after
     assert result.record.state_checksum == ours.checksum_after
     assert same(state(svc), state(fresh))
+    assert result.probes == alone.probes  # every check, chat row included, answered as on the fresh ledger
     assert not [r for r in caplog.records if "differs" in r.getMessage()]
     assert svc.integrity_problems() == []
 
