@@ -80,3 +80,21 @@ def test_edit_whose_prompt_does_not_hold_is_refused_unless_forced(tmp_path) -> N
     result = svc.apply(NEW, force=True)
     assert result.record.status == "applied" and not result.probes[0].holds
     assert not same(state(svc), base)
+
+
+def test_a_superseding_edits_checks_see_the_weights_it_leaves(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import chat_app.service as service_module
+    from editing.fingerprint import tensor_checksum
+
+    svc = start(tmp_path / "ledger.db")
+    svc.apply(OLD)
+    seen: list[str] = []
+    real = service_module.complete_batch
+
+    def recording(model, tok, prompts):  # type: ignore[no-untyped-def]
+        seen.append(tensor_checksum(svc.editor._current(svc.ledger.get(1).param_name)))  # noqa: SLF001
+        return real(model, tok, prompts)
+
+    monkeypatch.setattr(service_module, "complete_batch", recording)
+    result = svc.apply(NEW)
+    assert seen[-1] == result.record.state_checksum  # the after-checks ran on exactly the final weights
