@@ -76,6 +76,17 @@ class _Checked:
     def check(self, payload: Any) -> Any:
         return text(payload, _name(self))  # type: ignore[arg-type]
 
+    def get_block_name(self) -> str:
+        """The Gradio component whose front end this one uses ("textbox"), not this mixin's name.
+
+        Gradio names a template by its class's first base, which here is this mixin: the page
+        would ask for a front end called "_checked" and never finish loading.
+        """
+        return next(c for c in type(self).__mro__ if c.__module__.startswith("gradio.")).__name__.lower()
+
+    def get_block_class(self) -> str:
+        return self.get_block_name()
+
 
 class IdBox(_Checked, gr.Textbox):
     """A text box for an edit id: empty until chosen (a Number would show 0); takes a whole number or its digits."""

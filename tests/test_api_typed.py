@@ -149,3 +149,16 @@ def test_exports_leave_one_folder_and_sigterm_keeps_every_edit_in_the_ledger_fil
         leftover.unlink(missing_ok=True)  # lost, or never copied along with the .db
     with Ledger.open(ledger) as reopened:
         assert [(r.id, r.status, r.subject) for r in reopened.history()] == [(1, "applied", FACT.subject)]
+
+
+def test_checked_inputs_use_their_gradio_front_end() -> None:
+    """A checked input must name its Gradio component for the page, or the page never finishes loading."""
+    import gradio as gr
+
+    from chat_app import ui_inputs
+
+    made = {ui_inputs.Textbox(): "textbox", ui_inputs.IdBox(): "textbox", ui_inputs.Number(): "number",
+            ui_inputs.Slider(0, 1): "slider", ui_inputs.Dropdown(["a"]): "dropdown", ui_inputs.Radio(["a"]): "radio",
+            ui_inputs.CheckboxGroup(["a"]): "checkboxgroup", ui_inputs.File(): "file"}  # fmt: skip
+    for component, name in made.items():
+        assert component.get_block_name() == name and isinstance(component, gr.components.Component)
