@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.sweep import DATA, scores  # noqa: E402
 from editing import RomeEditor, load_model  # noqa: E402
-from editing.datasets import load_cases, sample_cases  # noqa: E402
+from editing.evaluation.datasets import load_cases, sample_cases  # noqa: E402
 
 
 def main() -> None:

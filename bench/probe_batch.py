@@ -18,7 +18,7 @@ import time
 from chat_app.completions import complete_batch
 from chat_app.probes import complete
 from editing import load_model
-from editing.datasets import load_cases, sample_cases
+from editing.evaluation.datasets import load_cases, sample_cases
 from bench.sweep import DATA
 
 

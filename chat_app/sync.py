@@ -60,12 +60,12 @@ class LedgerSync:
         if self._applied_ids() == self.ledger.applied_ids():
             self.synced_at = now
             return False
+        records = self.ledger.applied()
+        ids, held = [r.id for r in records], self._applied_ids()
+        if held != ids[: len(held)]:  # something was reverted or superseded elsewhere: rebuild
+            self._rebuild_locked(records)
+            return True
         with self.weights.write():
-            records = self.ledger.applied()
-            ids, held = [r.id for r in records], self._applied_ids()
-            if held != ids[: len(held)]:  # something was reverted or superseded elsewhere: rebuild
-                self._rebuild_locked(records)
-                return True
             for record in records[len(held):]:  # only additions: apply the new ones on top
                 edit = RankOneEdit.from_payload(record.meta, record.factors or b"")
                 self.editor.apply(edit)

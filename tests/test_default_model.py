@@ -61,7 +61,7 @@ def test_eiffel_tower_moves_to_london_and_only_it(editor: RomeEditor) -> None:
 def test_merkel_to_canada_shows_in_the_greedy_completion_and_the_chat_reply(editor: RomeEditor) -> None:
     """Issue 12's example: with exact_keys the bare prompt's key gets the full delta, so what the model
     says follows the edit (with the r-ROME key alone the completion stayed "the United Kingdom")."""
-    from editing.chat_metrics import names
+    from editing.evaluation.chat_metrics import names
     from editing.generation import chat_reply, greedy_completions
     from editing.questions import question_for
 
