@@ -65,6 +65,7 @@ def test_serving_passes_loopback_and_credentials_to_the_server(monkeypatch: pyte
     monkeypatch.setattr("chat_app.runtime.build_service", lambda settings: (SimpleNamespace(read_only=settings.read_only, ledger=mock.Mock()), None))
     monkeypatch.setattr("chat_app.ui.launch", lambda service, **kw: served.update(kw, read_only=service.read_only))
     assert app.main(["--auth", f"{USER}:{SECRET}", "--read-only"]) == 0
+    served.pop("warmup")  # the background statistics, which a read-only app never needs to wait for
     assert served == {"host": "127.0.0.1", "port": 7860, "auth": [(USER, SECRET)], "read_only": True}
 
 
