@@ -25,6 +25,7 @@ from db.schema import LedgerError
 logger = logging.getLogger(__name__)
 
 CREATE_WAIT_S = 10.0  # how long an opener waits for another process creating the same new ledger
+JUST_CREATED_S = 1.0  # how long an empty ledger file may wait for its creator to lock it
 BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another process's lock
 # Checkpoint after every commit that leaves a page in the WAL (SQLite's default waits for 1000): the
 # database file then holds every committed change, and a lost -wal file loses nothing (db.durability).
@@ -131,17 +132,23 @@ def creating(path: Path, wait_s: float = CREATE_WAIT_S) -> Iterator[bool]:
 
 
 def _wait_for_creator(path: Path, wait_s: float) -> None:
+    """Return once no process holds the creator's lock on ``path`` (at most ``wait_s``).
+
+    A file still empty right after that may have been created an instant ago, before its creator
+    took the lock: it is given ``JUST_CREATED_S`` more to be locked or filled.
+    """
+    deadline, young_until = time.monotonic() + wait_s, time.monotonic() + JUST_CREATED_S
     with open(path, "rb") as f:
-        deadline = time.monotonic() + wait_s
         while True:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-                return
+                if path.stat().st_size or time.monotonic() > young_until:
+                    return
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     return
-                time.sleep(0.05)
+            time.sleep(0.02)
 
 
 def _on_connect(dbapi_connection: Any, _record: Any) -> None:
