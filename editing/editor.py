@@ -98,13 +98,13 @@ class RomeEditor(EditedWeights):
     def cov(self, layer: int, n_samples: int | None = None, progress: Progress | None = None) -> torch.Tensor:
         """C = E[k kᵀ] at ``layer`` of the unedited model (float64, CPU)."""
         n = n_samples or self.hparams.stats_samples
-        if (layer, n) not in self._covs:
-            with self.original_weights():
-                self._covs[(layer, n)] = second_moment(
-                    self.model, self.tok, self.fingerprint, layer, n,
-                    self.hparams.stats_max_tokens, self.corpus, progress,
-                )  # fmt: skip
-        return self._covs[(layer, n)]
+        key = (layer, n)  # one statistics precision per editor: the hparams it was made with
+        if key not in self._covs:
+            self._covs[key] = second_moment(
+                self.model, self.tok, self.fingerprint, layer, n, self.hparams.stats_max_tokens, self.corpus,
+                progress, precision=self.hparams.stats_precision, weights=dict(self._baseline),
+            )  # fmt: skip
+        return self._covs[key]
 
     def _cov_lu(self, layer: int, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """LU factors of ``cov(layer, n_samples)``, cached for as long as that matrix is the one in use."""
