@@ -80,10 +80,14 @@ class EditService(LedgerSync, LedgerChecks):
         """Applied edits of the same subject and relation, which ``apply`` would supersede."""
         return self.ledger.find_applied(request.subject, request.relation)
 
-    def preview(self, prompt: str, k: int = 5) -> tuple[str, list[TopToken]]:
+    def preview(self, prompt: str, k: int = 5, question: str | None = None) -> tuple[str, list[TopToken]]:
+        """The prompt's greedy completion and top next tokens; with ``question``, its chat reply is prepared
+        (remembered, for the edit's chat row) too."""
         if not prompt.strip():
             raise ValueError("type a prompt to preview")
         with self.weights.read():
+            if question:
+                self.completions.answers(self.editor, [question], "chat")
             return self.completions.answers(self.editor, [prompt])[0], top_next(self.model, self.tok, prompt, k)
 
     def chat(self, messages: list[dict[str, str]], temperature: float = 0.0, max_new_tokens: int = 128,
@@ -174,11 +178,14 @@ class EditService(LedgerSync, LedgerChecks):
             old_edits = [self._edits[r.id] for r in old]
             with self.weights.read(), self.editor.view(without=old_edits):
                 self.editor.validate(request, **overrides)
-                texts = [p for p, _ in prompts]  # the preview's answers are reused, unless the view hides old edits
-                answers = complete_batch(self.model, self.tok, texts) if old else self.completions.answers(self.editor, texts)
-                before = [(p, k, a) for (p, k), a in zip(prompts, answers)]
                 question = chat_question(request.subject, request.relation)  # the chat row: what users see
-                before.append((question, "chat", answer(self.model, self.tok, question, "chat")))
+                texts = [p for p, _ in prompts]  # the preview's answers are reused, unless the view hides old edits
+                if old:
+                    answers = complete_batch(self.model, self.tok, texts) + [answer(self.model, self.tok, question, "chat")]
+                else:
+                    answers = self.completions.answers(self.editor, texts) + self.completions.answers(
+                        self.editor, [question], "chat")  # fmt: skip
+                before = [(p, k, a) for (p, k), a in zip([*prompts, (question, "chat")], answers)]
                 try:
                     edit = self.editor.compute(request, progress=progress, **overrides)
                 except FloatingPointError as err:
@@ -233,8 +240,7 @@ class EditService(LedgerSync, LedgerChecks):
         """The after-answers are the new weights' completions: the form's next preview reuses them."""
         state = weights_state(self.editor)
         for probe in probes:
-            if probe.kind != "chat":  # the cache holds greedy completions, not chat replies
-                self.completions.put(state, probe.prompt, probe.after)
+            self.completions.put(state, probe.prompt, probe.after, "chat" if probe.kind == "chat" else "complete")
 
     def _refuse(self, request: EditRequest, reason: str, actor: str, answer_before: str) -> None:
         meta = {"subject": request.subject, "relation": request.relation, "target": request.target,

@@ -20,6 +20,7 @@ import gradio as gr
 import pandas as pd
 
 from chat_app import ui_render as render
+from chat_app.probes import chat_question
 from chat_app.ui_inputs import refuse
 from chat_app.service import EditService
 from chat_app.settings import export_root
@@ -210,10 +211,14 @@ class Handlers:
         return render.conflict_notice(self.service.conflicts(request), target)
 
     def preview(self, subject: str, relation: str, target: str = "") -> tuple[str, dict[str, float], str]:
-        """The model's current completion and top next tokens for the prompt; plus any conflict."""
+        """The model's current completion and top next tokens for the prompt; plus any conflict.
+
+        The chat row's question is answered too (and remembered), so Apply reuses it as the "before" reply.
+        """
         with user_errors():
             request = EditRequest(subject or "", relation or "", target or "_")
-            completion, top = self.service.preview(request.prompt)
+            question = chat_question(request.subject, request.relation)
+            completion, top = self.service.preview(request.prompt, question=question)
         text = f"{render.code(request.prompt)} → **{render.esc(completion) or '(nothing)'}**"
         return text, render.top_tokens(top), self.conflicts(subject, relation, target)
 
