@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from editing.loading import cache_dir
+from editing.placement import materialised
 
 log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -54,7 +55,7 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256(str(getattr(model.config, "model_type", "")).encode())
     for name, param in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor_checksum(param).encode())
+        digest.update(tensor_checksum(materialised(model, name, param)).encode())
     return digest.hexdigest()
 
 
@@ -69,7 +70,7 @@ def _sample_digest(model: nn.Module) -> str:
     """Names, shapes, dtypes and a strided sample of every parameter: catches a model changed in memory after loading."""
     digest = hashlib.sha256()
     for name, param in sorted(model.state_dict().items()):
-        flat = param.detach().reshape(-1)
+        flat = materialised(model, name, param).detach().reshape(-1)
         picked = flat[:: max(1, flat.numel() // SAMPLE)][:SAMPLE].to("cpu").contiguous()
         digest.update(f"{name}|{param.dtype}|{tuple(param.shape)}|".encode())
         if picked.numel():

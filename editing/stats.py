@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from editing.arch import layer_name
 from editing.loading import cache_dir
 from editing.nethook import capture_input, run_until
+from editing.placement import input_device
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def accumulate_keys(
     Right padding keeps every text at the absolute positions it has alone; padded positions and
     the tokenizer's own special tokens (BOS and the like, whose keys are no fact's key) are left out.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     name = layer_name(model, layer, "mlp_out")
     total: torch.Tensor | None = None
     count = 0
@@ -110,7 +111,8 @@ def accumulate_keys(
         with capture_input(model, name, stop=True) as box:
             run_until(model, input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                       use_cache=False)  # fmt: skip
-        keys = box["input"][keep.to(device)].double()  # (tokens, d_in)
+        hidden = box["input"]  # (B, T, d_in), on the device of the block before (a pre-hook sees it unmoved)
+        keys = hidden[keep.to(hidden.device)].double()  # (tokens, d_in)
         total = keys.T @ keys if total is None else total.addmm_(keys.T, keys)
         count += keys.shape[0]
         if progress is not None:

@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.loading import cache_dir
+from editing.placement import input_device, model_devices
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,10 @@ def generate_templates(
     seed: int,
 ) -> list[str]:
     """``["{}"]`` plus, per ``(tokens, count)``, ``count`` sampled prefixes of that length, each ``"<text>. {}"``."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     templates = ["{}"]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    gpus = [d for d in model_devices(model) if d.type == "cuda"]  # every GPU the model samples on
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(seed)
         for length, count in lengths:
             openings = [OPENINGS[i % len(OPENINGS)] for i in range(count)]
