@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import weakref
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def identify_model(model: nn.Module) -> str:
     value = model_fingerprint(model)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp{os.getpid()}")  # instances sharing the cache may write it at once
         tmp.write_text(json.dumps({"fingerprint": value, "model": str(getattr(model, "name_or_path", ""))}))
         tmp.replace(path)
     return value

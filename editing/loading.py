@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -47,11 +48,13 @@ def _load_gguf(path: Path, placement: dict[str, object]) -> tuple[PreTrainedMode
     model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
-    tmp = cached.with_name(cached.name + ".tmp")
+    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")  # instances sharing the cache convert side by side
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if not cached.exists():
         tmp.replace(cached)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     if placement:  # spread over devices as the safetensors conversion is loaded on later starts
         del model, gguf_model
         return _load_gguf(path, placement)

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -178,7 +179,7 @@ def second_moment(
         )
     cov = (total / count).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # instances sharing the cache may write it at once
     torch.save({"cov": cov, "n_tokens": count, "n_texts": used, "seed": seed}, tmp)
     tmp.replace(path)
     return cov

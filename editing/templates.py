@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -73,7 +74,7 @@ def context_templates(
         log.warning("ignoring unreadable template cache %s", path)
     templates = generate_templates(model, tok, lengths, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # instances sharing the cache may write it at once
     tmp.write_text(json.dumps(templates, ensure_ascii=False, indent=1))
     tmp.replace(path)
     return templates
