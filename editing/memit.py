@@ -24,6 +24,7 @@ import torch
 from editing.arch import layer_name
 from editing.edit import RankOneEdit
 from editing.nethook import edit_output
+from editing.placement import input_device
 from editing.rome import Progress, compute_key, pad_batch
 from editing.rows import Row
 
@@ -57,8 +58,7 @@ class BatchEdit:
 @torch.no_grad()
 def hidden_after(model: torch.nn.Module, layer: int, rows: Sequence[Row], pad_id: int) -> torch.Tensor:
     """The residual stream after block ``layer`` at each row's ``lookup``, averaged over rows. (d,) float32."""
-    device = next(model.parameters()).device
-    ids, mask = pad_batch([r.input_ids for r in rows], pad_id, device)
+    ids, mask = pad_batch([r.input_ids for r in rows], pad_id, input_device(model))
     box: dict[str, torch.Tensor] = {}
 
     def record(out: torch.Tensor) -> None:
@@ -66,8 +66,9 @@ def hidden_after(model: torch.nn.Module, layer: int, rows: Sequence[Row], pad_id
 
     with edit_output(model, layer_name(model, layer), record):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
-    lookups = torch.tensor([r.lookup for r in rows], device=device)
-    return box["out"][torch.arange(len(rows), device=device), lookups].float().mean(0)
+    out = box["out"]  # (B, T, d) on block ``layer``'s device
+    lookups = torch.tensor([r.lookup for r in rows], device=out.device)
+    return out[torch.arange(len(rows), device=out.device), lookups].float().mean(0)
 
 
 def layer_shares(

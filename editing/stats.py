@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -21,8 +22,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.arch import layer_name
 from editing.loading import cache_dir
-from editing.precision import arithmetic, resolve_precision
 from editing.nethook import capture_input, run_until
+from editing.placement import input_device
+from editing.precision import arithmetic, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +104,11 @@ def accumulate_keys(
 
     Right padding keeps every text at the absolute positions it has alone; padded positions and
     the tokenizer's own special tokens (BOS and the like, whose keys are no fact's key) are left out.
-    ``weights`` (parameter name -> tensor) are used in place of the model's own (the unedited ones). A batch's sum (at most ``batch_size × max_tokens`` terms) is taken in float32, which is several
-    times faster than float64 here; the totals across batches are float64.
+    ``weights`` (parameter name -> tensor) are used in place of the model's own (the unedited ones).
+    A batch's sum (at most ``batch_size × max_tokens`` terms) is taken in float32, several times
+    faster than float64 here; the totals across batches are float64.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     name = layer_name(model, layer, "mlp_out")
     total: torch.Tensor | None = None
     count = 0
@@ -118,8 +121,9 @@ def accumulate_keys(
             with capture_input(runner, name, stop=True) as box:
                 run_until(runner, input_ids=enc["input_ids"].to(device),
                           attention_mask=enc["attention_mask"].to(device), use_cache=False)  # fmt: skip
-            keys = box["input"][keep.to(device)].float()  # (tokens, d_in)
-            with torch.autocast(device.type, enabled=False):
+            hidden = box["input"]  # (B, T, d_in), on the device of the block before (a pre-hook sees it unmoved)
+            keys = hidden[keep.to(hidden.device)].float()  # (tokens, d_in)
+            with torch.autocast(hidden.device.type, enabled=False):
                 gram = (keys.T @ keys).double()
             total = gram if total is None else total.add_(gram)
             count += keys.shape[0]
@@ -192,7 +196,7 @@ def second_moment(
         )
     cov = (total / count).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # instances sharing the cache may write it at once
     torch.save({"cov": cov, "n_tokens": count, "n_texts": used, "seed": seed}, tmp)
     tmp.replace(path)
     return cov

@@ -22,7 +22,8 @@ from editing.arch import layer_name
 from editing.hparams import RomeHyperParams
 from editing.layers import can_start_midway, run_from
 from editing.nethook import capture_input, edit_output, run_until
-from editing.rome import Progress, ValueResult, pad_batch, value_at
+from editing.placement import input_device, layer_weight
+from editing.rome import Progress, ValueResult, add_at, pad_batch, value_at
 from editing.rows import Row
 from editing.value_stop import StopRule
 
@@ -39,23 +40,18 @@ def _target_index(rows: Sequence[Row], device: torch.device) -> tuple[torch.Tens
 
 
 def plain_forward(model: PreTrainedModel, layer: int, rows: Sequence[Row], kl: Row, pad_id: int) -> Forward:
-    device = next(model.parameters()).device
     batch = [*rows, kl]
-    ids, mask = pad_batch([r.input_ids for r in batch], pad_id, device)
-    lookups = torch.tensor([r.lookup for r in batch], device=device)
-    row_of, pos, tgt = _target_index(rows, device)
-    arange = torch.arange(len(batch), device=device)
+    ids, mask = pad_batch([r.input_ids for r in batch], pad_id, input_device(model))
+    lookups = torch.tensor([r.lookup for r in batch])
+    row_of, pos, tgt = _target_index(rows, torch.device("cpu"))
 
     def forward(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        def add_delta(out: torch.Tensor) -> torch.Tensor:
-            out = out.clone()
-            out[arange, lookups] = out[arange, lookups] + delta.to(out.dtype)
-            return out
-
-        with edit_output(model, layer_name(model, layer, "mlp_out"), add_delta):
+        with edit_output(model, layer_name(model, layer, "mlp_out"), partial(add_at, lookups=lookups, delta=delta)):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-        return logp[row_of, pos, tgt], logp[-1, kl.target_positions[0]]
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V), on the unembedding's device
+        at = logp.device
+        picked = logp[row_of.to(at), pos.to(at), tgt.to(at)]
+        return picked.to(delta.device), logp[-1, kl.target_positions[0]].to(delta.device)
 
     return forward
 
@@ -69,7 +65,7 @@ def _unembed(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
 def fast_forward(
     model: PreTrainedModel, layer: int, rows: Sequence[Row], kl: Row, pad_id: int, skip_below: bool = True
 ) -> Forward:
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch = [*rows, kl]
     prefixes = [r.input_ids[: r.lookup] for r in batch]
     suffixes = [r.input_ids[r.lookup :] for r in batch]
@@ -105,7 +101,7 @@ def fast_forward(
         start_hidden = box["input"].detach()
 
     def add_delta(out: torch.Tensor) -> torch.Tensor:
-        return torch.cat([out[:, :1] + delta_box[0].to(out.dtype), out[:, 1:]], 1)
+        return torch.cat([out[:, :1] + delta_box[0].to(out.device, out.dtype), out[:, 1:]], 1)
 
     delta_box: list[torch.Tensor] = []
 
@@ -119,9 +115,11 @@ def fast_forward(
                 hidden = model.base_model(
                     input_ids=suf_ids, past_key_values=cache, use_cache=bool(past), **inputs
                 ).last_hidden_state  # (B, S, d)
-        picked = torch.cat([hidden[row_of, pos], hidden[-1:, kl_pos]], 0)
-        logp = torch.log_softmax(_unembed(model, picked), dim=-1)
-        return logp[torch.arange(len(tgt), device=device), tgt], logp[-1]
+        at = hidden.device  # the final norm's device
+        picked = torch.cat([hidden[row_of.to(at), pos.to(at)], hidden[-1:, kl_pos]], 0)
+        logp = torch.log_softmax(_unembed(model, picked), dim=-1)  # on the unembedding's device
+        rows_at = torch.arange(len(tgt), device=logp.device)
+        return logp[rows_at, tgt.to(logp.device)].to(delta.device), logp[-1].to(delta.device)
 
     return forward
 
@@ -162,7 +160,8 @@ def optimise_value(
     if method not in builders:
         raise ValueError(f"method must be one of {sorted(builders)}")
     forward = builders[method](model, hp.layer, rows, kl, pad_id)
-    device = key.device
+    device = layer_weight(model, hp.layer).device  # delta, its optimiser state and the loss live with the edited layer
+    key = key.to(device)
     v0_norm = float(value_at(model, hp.layer, key).norm())
     max_norm = hp.clamp_factor * v0_norm
     row_of = _target_index(rows, device)[0]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from editing.defaults import DEVICE_MAPS
 from editing.editor import RomeEditor
 from editing.evaluation.chat_metrics import GEN_METRICS, GenSettings
 from editing.evaluation.datasets import load_cases
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default="independent")
     parser.add_argument("--json", type=Path, default=None, help="write every per-case number here")
     parser.add_argument("--model", default=None, help="model source (default: the embedded SmolLM2)")
+    parser.add_argument("--device-map", choices=DEVICE_MAPS, help="spread the model over the devices with accelerate")
     parser.add_argument("--no-ftl", action="store_true", help="leave out the FT-L baseline")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the sequential curves")
     parser.add_argument("--gen-tokens", type=int, default=64, help="tokens generated for fluency (0: off)")
@@ -123,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases, skipped = load_cases(args.data)
         if not cases:
             raise ValueError(f"{args.data} holds no usable case ({skipped.count} skipped)")
-        model, tok = load_model(args.model)
+        model, tok = load_model(args.model, device_map=args.device_map)
         editor = RomeEditor(model, tok)
         if args.null_space_threshold is not None:
             editor.hparams = editor.hparams.replace(null_space_threshold=args.null_space_threshold)
