@@ -21,7 +21,7 @@ from chat_app.settings import Settings, ledger_url
 from db import Ledger
 from db.durability import file_problems
 from db.engine import sqlite_file
-from editing.defaults import EXPORT_FORMATS
+from editing.defaults import EXPORT_FORMATS, STRENGTHENED
 
 if TYPE_CHECKING:
     from chat_app.service import EditService
@@ -48,6 +48,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     edit.add_argument("--note")
     edit.add_argument("--force", action="store_true",
                       help="apply even if the update norm is an outlier, or the edit's own prompt does not hold after it")
+    edit.add_argument("--strengthen", action="store_true",
+                      help="for an edit that does not show in the answer: "
+                      + ", ".join(f"{k}={v}" for k, v in STRENGTHENED.items()))  # fmt: skip
     edit.add_argument("--json", action="store_true")
     history = sub.add_parser("history", help="list the ledger")
     history.add_argument("--status")
@@ -134,7 +137,8 @@ def run_command(args: argparse.Namespace, service: EditService) -> int:
             raise ValueError("edit needs --subject, --relation and --target, or --file")
         request = EditRequest(args.subject, args.relation, args.target, args.layer)
         result = service.apply(request, paraphrases=args.paraphrase, neighbours=args.neighbour, note=args.note,
-                               allow_outlier=args.force, force=args.force, progress=_progress)  # fmt: skip
+                               allow_outlier=args.force, force=args.force, progress=_progress,
+                               **(STRENGTHENED if args.strengthen else {}))  # fmt: skip
         data = {**_row(result.record), "superseded": list(result.superseded), "stats": result.stats,
                 "probes": [p.to_dict() for p in result.probes]}  # fmt: skip
         text = _table([p.to_dict() for p in result.probes], ["kind", "prompt", "before", "after", "holds"])

@@ -195,7 +195,7 @@ class EditService(LedgerSync, LedgerChecks):
                 probes = () if reason else self._after_probes(request, edit, before, old_edits)
             if not reason and not probes[0].holds and not force and self.min_target_prob > 0:
                 reason = (f"the edited prompt still answers {probes[0].after!r}, which does not name {request.target!r}; "
-                          "try more steps, a higher learning rate or another layer, or apply anyway (force)")  # fmt: skip
+                          "strengthen it (the form's Strengthen, the CLI's --strengthen), try another layer, or apply anyway (force)")  # fmt: skip
             if not reason and self._sync_locked():  # another instance changed the ledger meanwhile: see its edits
                 old = self.conflicts(request)
                 old_edits = [self._edits[r.id] for r in old]

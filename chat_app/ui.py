@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 
 from chat_app import ui_chat, ui_inputs, ui_layout, ui_locate
+from chat_app import ui_render as render
 from chat_app.follow import Follower
 from chat_app.probes import REPETITION_PENALTY
 from chat_app.service import EditService
@@ -137,15 +138,19 @@ def _wire_form(h: Handlers, f: SimpleNamespace, filters: list, views: list) -> N
           api_name="preview")  # fmt: skip
     fields = [*fact, f.paraphrases, f.neighbours, f.layer, f.steps, f.lr, f.kl, f.note]
     hidden, shown = (lambda: gr.Button(visible=False)), (lambda: gr.Button(visible=True))
-    for button, fn, name in ((f.apply, h.apply, "apply_edit"), (f.force, h.apply_anyway, "apply_edit_anyway")):
+    advise = lambda text: gr.Button(visible=render.STRENGTHEN_ADVICE in (text or ""))  # noqa: E731
+    for button, fn, name in ((f.apply, h.apply, "apply_edit"), (f.force, h.apply_anyway, "apply_edit_anyway"),
+                             (f.strengthen, h.strengthen, "apply_edit_strengthened")):  # fmt: skip
         applied = button.click(fn, fields, [f.result, f.probes], api_name=name, **WEIGHTS)
         # Also after a refusal (it is in the ledger). No spinner: the result above already says the edit is done.
         applied.then(h.refresh_page, filters, views, show_progress="hidden", api_visibility="private")
         applied.success(lambda *fields: ("", *h.preview(*fields)[:2]), fact, [f.conflict, f.completion, f.top],
                         show_progress="hidden", api_visibility="private")  # fmt: skip  (the new answer, remembered by apply)
         applied.success(hidden, None, f.force, api_visibility="private", queue=False)
-        if not h.service.read_only:  # a refusal offers to apply anyway (the service decides what it allows)
+        applied.success(advise, f.result, f.strengthen, api_visibility="private", queue=False)
+        if not h.service.read_only:  # a refusal offers to apply anyway or strengthened (the service decides)
             applied.failure(shown, None, f.force, api_visibility="private", queue=False)
+            applied.failure(shown, None, f.strengthen, api_visibility="private", queue=False)
 
 
 def _wire_history(h: Handlers, v: SimpleNamespace, filters: list, views: list, tab: gr.Tab) -> None:

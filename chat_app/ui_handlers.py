@@ -26,6 +26,7 @@ from chat_app.service import EditService
 from chat_app.settings import export_root
 from chat_app.warmup import StatsWarmup
 from editing import EditRequest
+from editing.defaults import STRENGTHENED
 
 try:  # written alongside the UI; the History tab hides Export/Import until it exists
     from chat_app.transfer import export_file, import_file
@@ -228,11 +229,13 @@ class Handlers:
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
         force: bool = False,
         request: gr.Request | None = None,  # Gradio injects it (by the annotation); not part of the API
+        extra: dict[str, Any] | None = None,
     ) -> tuple[str, pd.DataFrame]:  # fmt: skip
-        """Apply the form's edit; ``force``: even if its own prompt does not hold after it ("Apply anyway")."""
+        """Apply the form's edit; ``force``: even if its own prompt does not hold after it ("Apply anyway");
+        ``extra``: hyperparameters beyond the form's ("Strengthen")."""
         author = signed_in(request)
         request = self.request(subject, relation, target, layer)
-        overrides = self.overrides(steps, lr, kl_factor)
+        overrides = {**self.overrides(steps, lr, kl_factor), **(extra or {})}
         checks = (lines(paraphrases, "paraphrase"), lines(neighbours, "neighbour"))
         progress(0.0, desc="Checking the request and the answers before the edit")
         t0 = time.perf_counter()
@@ -253,7 +256,19 @@ class Handlers:
         if result.superseded:
             text.append("Superseded " + ", ".join(f"edit #{i}" for i in result.superseded)
                         + " (same subject and relation); re-apply it from History to go back.")  # fmt: skip
+        if not render.shows_in_answers(result.probes):
+            text.append(render.STRENGTHEN_ADVICE)
         return "\n\n".join(text), render.probes_frame(result.probes)
+
+    def strengthen(
+        self, subject: str, relation: str, target: str, paraphrases: str, neighbours: str,
+        layer: Any, steps: Any, lr: Any, kl_factor: Any, note: str | None = None,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
+        request: gr.Request | None = None,  # Gradio injects it (by the annotation); not part of the API
+    ) -> tuple[str, pd.DataFrame]:  # fmt: skip
+        """"Strengthen": the form's edit with the settings that carry it into the greedy answer and the chat."""
+        return self.apply(subject, relation, target, paraphrases, neighbours, layer, steps, lr, kl_factor, note,
+                          progress, request=request, extra=STRENGTHENED)  # fmt: skip
 
     def apply_anyway(
         self, subject: str, relation: str, target: str, paraphrases: str, neighbours: str,

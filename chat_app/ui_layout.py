@@ -76,6 +76,8 @@ def form_tab(service: EditService) -> SimpleNamespace:
                 f.preview = gr.Button("Preview", elem_id="form-preview")
                 f.apply = gr.Button("Apply edit", variant="primary", interactive=not service.read_only,
                                     elem_id="form-apply")  # fmt: skip
+                f.strengthen = gr.Button("Strengthen (carry it into the answer and the chat)", variant="secondary",
+                                         visible=False, elem_id="form-strengthen")  # fmt: skip
                 f.force = gr.Button("Apply anyway (even if its own prompt does not hold)", variant="stop",
                                     visible=False, elem_id="form-apply-anyway")  # fmt: skip
         with gr.Column(scale=2):

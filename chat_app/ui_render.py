@@ -160,7 +160,20 @@ def checks_summary(probes: Sequence[Any]) -> str:
             parts.append(f"{label} {sum(p.holds for p in chosen)}/{len(chosen)} {verb}")
     if len(parts) == 1:
         parts.append("no paraphrases or neighbours were checked")
+    chat = [p for p in probes if p.kind == "chat" and p.after]
+    if chat:
+        parts.append(f"the chat reply {'names the new object ✓' if chat[0].holds else 'does not name it yet ✗'}")
     return "; ".join(parts)
+
+
+def shows_in_answers(probes: Sequence[Any]) -> bool:
+    """The edit shows where users look: the edited prompt's greedy answer and the chat reply (when asked)."""
+    return all(p.holds for p in probes if p.kind == "edited" or (p.kind == "chat" and p.after))
+
+
+STRENGTHEN_ADVICE = ("It does not show in every answer yet. **Strengthen** recomputes it so that the prompt as typed "
+                     "and the chat question get the whole change, optimising until the greedy answer is the new "
+                     "object; it is recorded as a new edit that supersedes this one (History keeps both).")
 
 
 def verify_frame(items: Sequence[Any]) -> pd.DataFrame:
