@@ -140,9 +140,10 @@ def compute_second_moment(
     max_tokens: int = 256,
     batch_size: int = 16,
     progress: Progress | None = None,
+    precision: str = "float32",
 ) -> tuple[torch.Tensor, int]:
     """Return ``(C, n_tokens)``: the float64 mean of ``k k^T`` over the real tokens of ``texts`` (see ``accumulate_keys``)."""
-    total, count = accumulate_keys(model, tok, layer, texts, max_tokens, batch_size, progress)
+    total, count = accumulate_keys(model, tok, layer, texts, max_tokens, batch_size, progress, precision)
     if total is None or count == 0:
         raise ValueError("the corpus has no usable text")
     return (total / count).cpu(), count
