@@ -61,6 +61,8 @@ class BatchEdits:
         requests = list(requests)
         if not 1 <= len(requests) <= MAX_BATCH:
             raise ValueError(f"a batch holds 1 to {MAX_BATCH} facts; this one has {len(requests)}")
+        if len({r.layer for r in requests}) > 1:
+            raise ValueError("a batch edits every fact at the same layers; give no layer, or the same one, for all facts")
         checks = list(checks) if checks is not None else [((), ())] * len(requests)
         if len(checks) != len(requests):
             raise ValueError("give one (paraphrases, neighbours) pair per fact, or none")
