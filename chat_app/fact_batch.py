@@ -44,7 +44,7 @@ def check_facts(service: EditService, facts: list[FileFact]) -> None:
 
 def apply_facts(
     service: EditService, facts: list[FileFact], *, dry_run: bool = False, note: str | None = None,
-    on_fact: Callable[[int, int], None] | None = None,
+    on_fact: Callable[[int, int], None] | None = None, author: str | None = None,
 ) -> list[FactOutcome]:
     """Check every fact, then (unless ``dry_run``) apply them in file order; a refused fact does not stop the rest."""
     check_facts(service, facts)
@@ -54,7 +54,7 @@ def apply_facts(
     for i, fact in enumerate(facts):
         try:
             result = service.apply(fact.request, paraphrases=list(fact.paraphrases), neighbours=list(fact.neighbours),
-                                   note=note)  # fmt: skip
+                                   note=note, author=author)  # fmt: skip
             outcomes.append(FactOutcome(fact.line, fact, result.edit_id, "applied"))
         except ValueError as err:
             log.warning("line %d refused: %s", fact.line, err)
@@ -66,7 +66,7 @@ def apply_facts(
 
 def apply_facts_batch(
     service: EditService, facts: list[FileFact], *, dry_run: bool = False, note: str | None = None,
-    progress: Callable[[str, float], None] | None = None,
+    progress: Callable[[str, float], None] | None = None, author: str | None = None,
 ) -> list[FactOutcome]:
     """Check every fact, then (unless ``dry_run``) apply them all as one MEMIT batch: all recorded, or none.
 
@@ -76,7 +76,7 @@ def apply_facts_batch(
     if dry_run:
         return [FactOutcome(f.line, f, None, "would apply") for f in facts]
     result = service.apply_batch([f.request for f in facts], checks=[(f.paraphrases, f.neighbours) for f in facts],
-                                 note=note, progress=progress)  # fmt: skip
+                                 note=note, author=author, progress=progress)  # fmt: skip
     outcomes = []
     for fact, record, probes in zip(facts, result.records, result.probes):
         status = "applied, not holding" if record.not_holding else "applied"
