@@ -123,3 +123,17 @@ def test_an_unseen_edit_of_a_fact_from_elsewhere_refuses_the_batch_in_the_ledger
 
 def _boom(*args, **kwargs):  # type: ignore[no-untyped-def]
     raise RuntimeError("injected crash")
+
+
+def test_a_batch_travels_in_an_edit_pack_with_its_shares(ledger_path, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from chat_app.transfer import export_file, import_file
+
+    svc = start(ledger_path, **HP)
+    result = svc.apply_batch(FACTS[:2])
+    pack = tmp_path / "pack.zip"
+    assert export_file(svc, pack) == 2
+    other = start(tmp_path / "other.db", **HP)
+    report = import_file(other, pack)
+    assert len(report.imported) == 2 and same(state(other), state(svc)) and other.integrity_problems() == []
+    assert {r.batch_id for r in other.history()} == {result.batch_id}  # the batch columns come from the meta
+    assert same(state(start(tmp_path / "other.db", **HP)), state(svc))
