@@ -137,3 +137,14 @@ def test_a_batch_travels_in_an_edit_pack_with_its_shares(ledger_path, tmp_path) 
     assert len(report.imported) == 2 and same(state(other), state(svc)) and other.integrity_problems() == []
     assert {r.batch_id for r in other.history()} == {result.batch_id}  # the batch columns come from the meta
     assert same(state(start(tmp_path / "other.db", **HP)), state(svc))
+
+
+def test_a_follower_takes_and_drops_a_batch_from_the_ledger(ledger_path) -> None:  # type: ignore[no-untyped-def]
+    a, b = start(ledger_path, **HP), start(ledger_path, **HP)
+    base = state(b)
+    result = a.apply_batch(FACTS)
+    assert b.sync() and same(state(b), state(a)) and b.integrity_problems() == []
+    a.revert(result.edit_ids[0])
+    assert b.sync() and same(state(b), state(a)) and b.integrity_problems() == []
+    b.revert_batch(result.batch_id)  # the follower acts on the batch too
+    assert a.sync() and same(state(a), base) and a.integrity_problems() == []
