@@ -131,6 +131,10 @@ def record_detail(record: EditRecord, events: Sequence[EventRecord]) -> str:
         lines.append(f"- **note** {esc(record.note)}")
     if record.superseded_by is not None:
         lines.append(f"- **superseded by** edit #{record.superseded_by}")
+    if record.batch_id is not None:
+        layers = [s.get("layer") for s in record.meta.get("shares") or [] if isinstance(s, dict)]
+        lines.append(f"- **batch** {code(record.batch_id)}, fact {(record.batch_index or 0) + 1} of {record.batch_size}"
+                     + (f" (MEMIT at layers {', '.join(map(str, layers))})" if layers else ""))  # fmt: skip
     if record.refusal_reason:
         lines.append(f"- **refused / failed because** {esc(record.refusal_reason)}")
     stats = record.meta.get("stats") or {}

@@ -55,6 +55,7 @@ def test_apply_all_as_one_batch_then_revert_and_reapply_it_from_history(handlers
     assert list(table["batch"]) == [f"{batch} (2/2)", f"{batch} (1/2)"]
     assert len(h.history(batch=batch)) == 2 and h.history(batch="other").empty
     first = int(frame["edit"][0])
+    assert "fact 1 of 2 (MEMIT at layers 1, 2)" in h.detail(first) and batch in h.detail(first)
     assert "2 of 2 facts are now reverted" in b.revert(first) and same(state(b.service), base)
     assert "2 of 2 facts are applied" in b.reapply(first) and b.service.integrity_problems() == []
 
