@@ -2,7 +2,9 @@
 
 ``apply_batch`` follows ``apply``'s rules: the ledger first (another instance's edits are
 loaded before anything is computed), applied edits of the same facts are superseded (the batch
-is computed on the weights without them), and the weights and the ledger change together. All
+is computed on the weights without them), and the weights and the ledger change together. The
+batch is computed under the weights' write lock (``compute_batch`` adds each layer's shares to
+the live weights before it reads the next layer's keys), so chats wait while it runs. All
 facts are recorded in one transaction, after the weights took them: if anything fails before
 that commit, the weights are rebuilt from the ledger, so nothing of the batch is applied. Each
 fact keeps its own factors at every batch layer, so one fact can be reverted (or re-applied)
@@ -72,31 +74,52 @@ class BatchEdits:
         actor = author or self.actor
         with self._edit_mutex:
             self._sync_locked()  # another instance's edits first: the batch supersedes what it can see
-            old = self._batch_conflicts(requests)
-            hidden = [share for r in old for share in shares(self._edits[r.id])]
-            with self.weights.read(), self.editor.view(without=hidden):
+            with self.weights.read():
                 for request in requests:
                     self.editor.validate(request, **overrides)
-                befores = [complete_batch(self.model, self.tok, [p for p, _ in ps]) for ps in prompts]
-                try:
-                    batch = self.editor.compute_batch(requests, progress=progress, **overrides)
-                except FloatingPointError as err:
-                    raise ValueError(f"batch refused: {err}") from err
-                facts = [batch.fact(i) for i in range(len(requests))]
-                reason = next((r for r in (self._unsafe(f, allow_outlier) for f in facts) if r), None)
-                probes = [] if reason else self._batch_probes(requests, prompts, befores, batch, hidden)
-            if not reason and self._sync_locked():  # another instance changed the ledger meanwhile: see its edits
-                old = self._batch_conflicts(requests)
+            old = self._batch_conflicts(requests)
+            batch, befores, probes, reason = self._compute_batch(requests, prompts, old, allow_outlier, progress,
+                                                                 overrides)  # fmt: skip
             entries = [self._entry(batch, i, probes, befores, note, actor) for i in range(len(requests))]
             if reason:
                 self.ledger.record_batch(entries, refused=reason, actor=actor)
                 raise ValueError(f"batch refused: {reason}")
-            ids = self._commit_batch(batch, facts, entries, old, actor)
+            if self._sync_locked():  # another instance changed the ledger meanwhile: see its edits
+                old = self._batch_conflicts(requests)
+            ids = self._commit_batch(batch, [batch.fact(i) for i in range(len(requests))], entries, old, actor)
             if progress is not None:
                 progress("done", 1.0)
             records = {r.id: r for r in self.ledger.batch(batch.batch_id)}
             return BatchResult(batch.batch_id, tuple(ids), tuple(records[i] for i in ids),
                                tuple(tuple(p) for p in probes), tuple(r.id for r in old), batch.stats)  # fmt: skip
+
+    def _compute_batch(self, requests: list[EditRequest], prompts: list[list[tuple[str, str]]], old: list[EditRecord],
+                       allow_outlier: bool, progress: Progress | None, overrides: dict[str, Any],
+                       ) -> tuple[BatchEdit, list[list[str]], list[list[Probe]], str | None]:  # fmt: skip
+        """The batch, each fact's probe answers before and after, and why it must be refused (or None).
+
+        Under the weights' write lock: ``compute_batch`` adds each layer's shares to the live weights
+        before reading the next layer's keys, and the batch is computed, and probed, on the weights
+        it will be applied to (without the edits it supersedes). The weights are as before on return.
+        """
+        saved = list(self.editor.applied)
+        try:
+            with self.weights.write():
+                for record in old:
+                    self.editor.revert(self._edits[record.id])
+                befores = [complete_batch(self.model, self.tok, [p for p, _ in ps]) for ps in prompts]
+                try:
+                    batch = self.editor.compute_batch(requests, progress=progress, **overrides)
+                except FloatingPointError as err:
+                    raise ValueError(f"batch refused: {err}") from err
+                reason = next((r for r in (self._unsafe(batch.fact(i), allow_outlier)
+                                           for i in range(len(requests))) if r), None)  # fmt: skip
+                probes = [] if reason else self._batch_probes(requests, prompts, befores, batch)
+                self.editor.rebuild(saved)  # exactly the weights before: baseline + the same edits in order
+        except BaseException as err:
+            self._resync(f"batch computation failed, nothing applied: {err}")
+            raise
+        return batch, befores, probes, reason
 
     def _commit_batch(self, batch: BatchEdit, facts: list[BatchEdit], entries: list[dict[str, Any]],
                       old: list[EditRecord], actor: str) -> list[int]:  # fmt: skip
@@ -132,10 +155,13 @@ class BatchEdits:
         return [r for r in self.ledger.applied() if (normalise(r.subject), normalise(r.relation)) in keys]
 
     def _batch_probes(self, requests: list[EditRequest], prompts: list[list[tuple[str, str]]], befores: list[list[str]],
-                      batch: BatchEdit, hidden: list[Any]) -> list[list[Probe]]:  # fmt: skip
-        """Each fact's probes answered on the weights the batch will leave (this thread only)."""
-        with self.editor.view(without=hidden, extra=list(batch.edits)):
+                      batch: BatchEdit) -> list[list[Probe]]:  # fmt: skip
+        """Each fact's probes answered with the batch added to the current weights (the caller holds the write lock)."""
+        self.editor.apply(batch)
+        try:
             afters = [complete_batch(self.model, self.tok, [p for p, _ in ps]) for ps in prompts]
+        finally:
+            self.editor.revert(batch)
         return [[Probe(p, k, r.target if k != "neighbour" else b, b, a) for (p, k), b, a in zip(ps, bs, As)]
                 for r, ps, bs, As in zip(requests, prompts, befores, afters)]  # fmt: skip
 

@@ -75,12 +75,16 @@ def test_replay_after_restart_equals_the_live_weights(ledger_path) -> None:  # t
     assert [len(again._edits[i].edits) if hasattr(again._edits[i], "edits") else 1 for i in again._edits] == [2, 2, 1]
 
 
-def test_a_batch_supersedes_applied_edits_of_its_facts(ledger_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_superseding_batch_equals_the_same_batch_on_a_fresh_ledger(ledger_path, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fresh = start(tmp_path / "fresh.db", **HP)
+    alone = fresh.apply_batch(FACTS)
     svc = start(ledger_path, **HP)
-    first = svc.apply(EditRequest("The Eiffel tower", "located in {}", "paris")).edit_id
+    first = svc.apply(EditRequest("The Eiffel tower", "located in {}", "paris")).edit_id  # at layer 2, a batch layer
     result = svc.apply_batch(FACTS)
     assert result.superseded == (first,) and svc.record(first).superseded_by == result.edit_ids[0]
     assert svc.integrity_problems() == [] and same(state(start(ledger_path, **HP)), state(svc))
+    assert same(state(svc), state(fresh)) and result.probes == alone.probes  # computed without the old edit
+    assert [r.factors for r in result.records] == [r.factors for r in alone.records]
 
 
 @pytest.mark.parametrize("where", ["compute", "apply", "record"])
