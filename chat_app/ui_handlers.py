@@ -173,13 +173,14 @@ class Handlers:
         n = self.service.active_count
         return f"Edited model ({n} edit{'s' if n != 1 else ''})" if n else "Model (no edits)"
 
-    def refresh(self, text: str | None = None, status: str | None = None) -> tuple[str, pd.DataFrame]:
+    def refresh(self, text: str | None = None, status: str | None = None, batch: str | None = None) -> tuple[str, pd.DataFrame]:
         """Banner and history table, after any change."""
-        return self.banner(), self.history(text, status)
+        return self.banner(), self.history(text, status, batch)
 
-    def refresh_page(self, text: str | None = None, status: str | None = None) -> tuple[str, pd.DataFrame, Any]:
+    def refresh_page(self, text: str | None = None, status: str | None = None,
+                     batch: str | None = None) -> tuple[str, pd.DataFrame, Any]:  # fmt: skip
         """Banner, history table and the Chat tab's title, after any change."""
-        return (*self.refresh(text, status), gr.Chatbot(label=self.chat_label()))
+        return (*self.refresh(text, status, batch), gr.Chatbot(label=self.chat_label()))
 
     def signature(self) -> tuple[int, int, str, float | None]:
         """Changes whenever any session or instance changes the ledger, or the background statistics progress."""
@@ -281,10 +282,11 @@ class Handlers:
                           progress, force=True, request=request)  # fmt: skip
 
     # ----- history ----------------------------------------------------------------------
-    def history(self, text: str | None = None, status: str | None = None) -> pd.DataFrame:
+    def history(self, text: str | None = None, status: str | None = None, batch: str | None = None) -> pd.DataFrame:
         chosen = None if status in (None, "", "all") else status
         with user_errors():
-            return render.history_frame(self.service.history(status=chosen, text=(text or "").strip() or None))
+            records = self.service.history(status=chosen, text=(text or "").strip() or None, batch=batch)
+            return render.history_frame(records)
 
     def detail(self, edit_id: Any) -> str:
         if edit_id is None or edit_id == "":
