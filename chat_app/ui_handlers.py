@@ -117,6 +117,22 @@ def stage_progress(progress: Callable[..., Any]) -> Callable[[str, float], None]
     return report
 
 
+def _apply_with(doc: str, **how: Any) -> Callable[..., tuple[str, pd.DataFrame]]:
+    """A form button's variant of ``Handlers.apply`` with ``how`` (its own endpoint, the same inputs)."""
+
+    def variant(
+        self: Handlers, subject: str, relation: str, target: str, paraphrases: str, neighbours: str,
+        layer: Any, steps: Any, lr: Any, kl_factor: Any, note: str | None = None,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
+        request: gr.Request | None = None,  # Gradio injects it (by the annotation); not part of the API
+    ) -> tuple[str, pd.DataFrame]:  # fmt: skip
+        return self.apply(subject, relation, target, paraphrases, neighbours, layer, steps, lr, kl_factor, note,
+                          progress, request=request, **how)  # fmt: skip
+
+    variant.__doc__ = doc
+    return variant
+
+
 class Handlers:
     """The form and History tabs' handlers, bound to one service shared by every browser session."""
 
@@ -261,25 +277,10 @@ class Handlers:
             text.append(render.STRENGTHEN_ADVICE)
         return "\n\n".join(text), render.probes_frame(result.probes)
 
-    def strengthen(
-        self, subject: str, relation: str, target: str, paraphrases: str, neighbours: str,
-        layer: Any, steps: Any, lr: Any, kl_factor: Any, note: str | None = None,
-        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
-        request: gr.Request | None = None,  # Gradio injects it (by the annotation); not part of the API
-    ) -> tuple[str, pd.DataFrame]:  # fmt: skip
-        """"Strengthen": the form's edit with the settings that carry it into the greedy answer and the chat."""
-        return self.apply(subject, relation, target, paraphrases, neighbours, layer, steps, lr, kl_factor, note,
-                          progress, request=request, extra=STRENGTHENED)  # fmt: skip
-
-    def apply_anyway(
-        self, subject: str, relation: str, target: str, paraphrases: str, neighbours: str,
-        layer: Any, steps: Any, lr: Any, kl_factor: Any, note: str | None = None,
-        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
-        request: gr.Request | None = None,  # Gradio injects it (by the annotation); not part of the API
-    ) -> tuple[str, pd.DataFrame]:  # fmt: skip
-        """"Apply anyway": the form's edit even if its own prompt does not hold after it."""
-        return self.apply(subject, relation, target, paraphrases, neighbours, layer, steps, lr, kl_factor, note,
-                          progress, force=True, request=request)  # fmt: skip
+    strengthen = _apply_with('"Strengthen": the form\'s edit with the settings that carry it into the greedy answer '
+                             "and the chat reply.", extra=STRENGTHENED)  # fmt: skip
+    apply_anyway = _apply_with('"Apply anyway": the form\'s edit even if its own prompt does not hold after it.',
+                               force=True)  # fmt: skip
 
     # ----- history ----------------------------------------------------------------------
     def history(self, text: str | None = None, status: str | None = None, batch: str | None = None) -> pd.DataFrame:
