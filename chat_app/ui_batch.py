@@ -16,7 +16,7 @@ from chat_app import ui_render as render
 from chat_app.fact_batch import FactOutcome, apply_facts, apply_facts_batch, check_facts
 from chat_app.fact_file import FORMATS, MAX_FACTS, FactFileError, FileFact, read_facts
 from chat_app.service import EditService
-from chat_app.ui_handlers import signed_in, stage_progress, user_errors, whole
+from chat_app.ui_form import signed_in, stage_progress, user_errors, whole
 from chat_app.warmup import StatsWarmup
 
 MODES = ["one by one", "one batch (MEMIT)"]

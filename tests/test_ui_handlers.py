@@ -16,7 +16,8 @@ from chat_app import ui_chat, ui_locate, ui_render
 from chat_app import ui_render as render
 from chat_app.service import EditService
 from chat_app.startup import replay
-from chat_app.ui_handlers import COMMON_RELATIONS, Handlers, stage_progress
+from chat_app.ui_form import stage_progress
+from chat_app.ui_handlers import COMMON_RELATIONS, Handlers
 from db import Ledger
 from editing import RomeEditor, RomeHyperParams
 from editing.defaults import STRENGTHENED
