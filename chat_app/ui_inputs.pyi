@@ -10,6 +10,7 @@ its parent's front end.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from typing import Any
