@@ -21,7 +21,9 @@ from chat_app.warmup import StatsWarmup
 
 MODES = ["one by one", "one batch (MEMIT)"]
 PREVIEW_HEADERS = ["line", "subject", "relation", "new object", "layer", "checks"]
+PREVIEW_TYPES = ["number", "markdown", "markdown", "markdown", "str", "number"]  # escaped text renders as typed
 RESULT_HEADERS = ["line", "subject", "new object", "status", "edit", "batch", "before", "after", "detail"]
+RESULT_TYPES = ["number", "markdown", "markdown", "str", "str", "str", "markdown", "markdown", "markdown"]
 NO_LATEX: list[dict[str, Any]] = []
 
 
@@ -41,11 +43,13 @@ def layout(service: EditService) -> SimpleNamespace:
                 b.apply = gr.Button("Apply all", variant="primary", interactive=not service.read_only,
                                     elem_id="batch-apply")  # fmt: skip
         b.summary = gr.Markdown(elem_id="batch-summary")
-        b.preview = gr.Dataframe(headers=PREVIEW_HEADERS, interactive=False, wrap=True, max_height=300,
-                                 label="Facts in the file", latex_delimiters=NO_LATEX, elem_id="batch-preview")  # fmt: skip
+        b.preview = gr.Dataframe(headers=PREVIEW_HEADERS, datatype=PREVIEW_TYPES, interactive=False, wrap=True,
+                                 max_height=300, label="Facts in the file", latex_delimiters=NO_LATEX,
+                                 elem_id="batch-preview")  # fmt: skip
         b.result = gr.Markdown(elem_id="batch-result")
-        b.results = gr.Dataframe(headers=RESULT_HEADERS, interactive=False, wrap=True, max_height=360,
-                                 label="Result per fact", latex_delimiters=NO_LATEX, elem_id="batch-results")  # fmt: skip
+        b.results = gr.Dataframe(headers=RESULT_HEADERS, datatype=RESULT_TYPES, interactive=False, wrap=True,
+                                 max_height=360, label="Result per fact", latex_delimiters=NO_LATEX,
+                                 elem_id="batch-results")  # fmt: skip
     return b
 
 

@@ -10,6 +10,7 @@ its parent's front end.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from typing import Any
@@ -151,6 +152,10 @@ class File(_Checked, gr.File):
         super().__init__(*args, **kwargs)
         self.api_info()  # cached while data_model is still FileData: clients still see a file parameter
         self.data_model = None
+
+    # Gradio builds the page's props from the parameters of ``__init__``: without gr.File's signature the
+    # page would get none of them (no label, elem_id, file_types or file_count).
+    __init__.__signature__ = inspect.signature(gr.File.__init__)  # type: ignore[attr-defined]
 
     def check(self, payload: Any) -> FileData | None:
         if payload is None:

@@ -86,7 +86,8 @@ def form_tab(service: EditService) -> SimpleNamespace:
             f.top = gr.Label(num_top_classes=5, label="Top next tokens", show_label=True)
     f.result = gr.Markdown(elem_id="form-result")
     f.probes = gr.Dataframe(headers=render.PROBE_HEADERS, datatype=render.PROBE_TYPES, interactive=False, wrap=True,
-                            label="Before / after", latex_delimiters=NO_LATEX, elem_id="form-probes")  # fmt: skip
+                            column_widths=render.PROBE_WIDTHS, label="Before / after", latex_delimiters=NO_LATEX,
+                            elem_id="form-probes")  # fmt: skip
     return f
 
 

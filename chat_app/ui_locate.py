@@ -86,10 +86,10 @@ def locate(
     try:
         relation = relation_of(prompt, subject)
         picked = chosen_kinds(kinds)
-        progress(0.0, desc="Tracing: corrupting the subject and restoring states one by one")
+        doing = "one clean, one corrupted and one backward pass" if method == "quick" else "restoring states one by one"
+        progress(0.0, desc=f"Tracing: corrupting the subject, then {doing}")
         result = trace_fact(service, prompt, subject, (expected or "").strip() or None, int(samples),
-                            lambda _stage, f: progress(f, desc="Tracing: restoring states one by one"), picked,
-                            precision, method)  # fmt: skip
+                            lambda _stage, f: progress(f, desc=f"Tracing: {doing}"), picked, precision, method)  # fmt: skip
     except ValueError as err:
         raise refuse(str(err)) from err
     figure = plot_trace(result, model_name=result.model_name)

@@ -19,9 +19,10 @@ from db import EditRecord, EventRecord
 HISTORY_HEADERS = ["id", "time (UTC)", "subject", "relation", "requested", "old → new answer", "layer", "status",
                    "author", "batch"]
 HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "markdown", "number", "str", "markdown", "str"]
-HISTORY_WIDTHS = ["44px", "150px", "12%", "15%", "9%", "15%", "76px", "120px", "8%", "150px"]  # no header wraps, status unclipped
+HISTORY_WIDTHS = ["44px", "112px", "12%", "14%", "9%", "15%", "64px", "120px", "8%", "150px"]  # fits 1280 px; status unclipped
 PROBE_HEADERS = ["check", "prompt", "expected", "before", "after", "holds"]
 PROBE_TYPES = ["str", "markdown", "markdown", "markdown", "markdown", "str"]
+PROBE_WIDTHS = ["8%", "24%", "10%", "26%", "26%", "6%"]  # long chat replies wrap; "after" and "holds" stay in view
 VERIFY_HEADERS = ["id", "fact", "new object", "probes holding", "holds"]
 VERIFY_TYPES = ["number", "markdown", "markdown", "str", "str"]
 CELL_CHARS = 160  # longer text is cut in table cells (the detail view shows it whole)

@@ -162,3 +162,15 @@ def test_checked_inputs_use_their_gradio_front_end() -> None:
             ui_inputs.CheckboxGroup(["a"]): "checkboxgroup", ui_inputs.File(): "file"}  # fmt: skip
     for component, name in made.items():
         assert component.get_block_name() == name and isinstance(component, gr.components.Component)
+
+
+def test_checked_inputs_send_their_settings_to_the_page() -> None:
+    """The page gets each checked input's label, elem_id and options (the file input overrides ``__init__``)."""
+    from chat_app import ui_inputs
+
+    made = [ui_inputs.File(label="Fact file", elem_id="f", file_types=[".json"], file_count="single"),
+            ui_inputs.Textbox(label="Subject", elem_id="t"), ui_inputs.Radio(["a"], label="Mode", elem_id="r")]  # fmt: skip
+    for component in made:
+        config = component.get_config()
+        assert config["label"] == component.label and config["elem_id"] == component.elem_id, config
+    assert made[0].get_config()["file_types"] == [".json"]
