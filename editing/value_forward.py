@@ -62,7 +62,8 @@ class Layout:
     def of(cls, facts: Sequence[Fact], device: torch.device) -> Layout:
         rows = tuple(r for values, kl in facts for r in (*values, kl))
         fact_of_row = [i for i, (values, _) in enumerate(facts) for _ in range(len(values) + 1)]
-        kl_rows = [len(fact_of_row) - 1 - fact_of_row[::-1].index(i) for i in range(len(facts))]
+        ends = torch.tensor([len(values) + 1 for values, _ in facts]).cumsum(0)
+        kl_rows = (ends - 1).tolist()  # each fact's last row
         is_kl = set(kl_rows)
         # A KL row's position is not a target: give it no target tokens here.
         row_of, pos, ids = target_index([Row((), 0, (), ()) if i in is_kl else r for i, r in enumerate(rows)], device)
@@ -133,7 +134,7 @@ def fast_forward(
     pos = lay.pos - n_prefix[lay.row_of]  # within the suffix
     kl_pos = torch.tensor([kl.target_positions[0] - kl.lookup for _, kl in facts], device=device)
 
-    def fresh_cache(rows: torch.Tensor) -> DynamicCache:
+    def fresh_cache(rows: torch.Tensor | slice) -> DynamicCache:
         cache = DynamicCache(config=model.config)
         for i, (k, v) in enumerate(past):
             cache.update(k[rows], v[rows], i)
@@ -149,7 +150,8 @@ def fast_forward(
         start_hidden = box["input"].detach()  # (B, S, d)
 
     def forward(delta: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, t_rows, targets, k_rows = lay.select(active)
+        picked_rows, t_rows, targets, k_rows = lay.select(active)
+        rows = picked_rows if len(picked_rows) < len(lay.rows) else slice(None)  # all rows: no copies
         shift = delta[lay.fact_of_row[rows]][:, None]  # (b, 1, d)
 
         def add_delta(out: torch.Tensor) -> torch.Tensor:

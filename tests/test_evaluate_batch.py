@@ -6,16 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from editing import RomeEditor
 from editing.evaluation.cli import format_table, main
 from editing.evaluation.datasets import load_cases
 from editing.evaluation.evaluate import UNEDITED, run_evaluation
 from editing.evaluation.metrics import METRICS, GenerationSettings, score_case
-from transformers import LlamaConfig, LlamaForCausalLM
+from tests.test_evaluate import FIXTURES, INIT_RANGE, word_tokenizer
 
-from tests.test_evaluate import FIXTURES, INIT_RANGE
-from tests.test_evaluate import tok  # noqa: F401  (the fixture)
+
+@pytest.fixture(scope="module")
+def tok():  # type: ignore[no-untyped-def]
+    return word_tokenizer()
 
 
 def _llama(tok) -> LlamaForCausalLM:  # type: ignore[no-untyped-def]
@@ -44,7 +47,7 @@ def _cases():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("size", [None, 2])
-def test_batch_mode_scores_the_cases_after_the_batches(tok, size: int | None) -> None:  # noqa: F811
+def test_batch_mode_scores_the_cases_after_the_batches(tok, size: int | None) -> None:
     model = _llama(tok)
     editor = _editor(model, tok)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -69,7 +72,7 @@ def test_batch_mode_scores_the_cases_after_the_batches(tok, size: int | None) ->
         run_evaluation(model, tok, RomeEditor(model, tok), _cases(), "batch", n=1, batch_size=0)
 
 
-def test_cli_batch_mode_writes_json(tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: F811
+def test_cli_batch_mode_writes_json(tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     import editing.evaluation.cli as evaluate
     import editing.loading as loading
 
