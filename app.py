@@ -10,7 +10,7 @@ import os
 import sys
 
 from chat_app.settings import Settings
-from editing.defaults import PRECISIONS
+from editing.defaults import DEVICE_MAPS, PRECISIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -18,6 +18,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="HF model directory or id (offline cache), or a .gguf file; default: embedded SmolLM2-135M-Instruct")
     parser.add_argument("--db", help="ledger: a file path or SQLAlchemy URL (default: $DATABASE_URL, else data/<model>.ledger.db)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when present)")
+    parser.add_argument("--device-map", choices=DEVICE_MAPS,
+                        help="spread a model larger than one device over the GPUs (and CPU) with accelerate, instead of --device")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--auth", help="user:password protecting the whole app (or set ROME_CHAT_AUTH; ROME_CHAT_AUTH_FILE for a file of lines)")
@@ -59,14 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    settings = Settings(model=args.model, db=args.db, device=args.device, read_only=args.read_only,
-                        skip_edits=tuple(args.skip_edit))
+    if args.device and args.device_map:
+        raise SystemExit("error: give either --device or --device-map, not both")
+    settings = Settings(model=args.model, db=args.db, device=args.device, device_map=args.device_map,
+                        read_only=args.read_only, skip_edits=tuple(args.skip_edit))
     if args.command == "evaluate":
         from editing.evaluation.cli import main as evaluate_main
 
         rest = (argv if argv is not None else sys.argv[1:])
         rest = rest[rest.index("evaluate") + 1 :]
-        return evaluate_main(rest + (["--model", args.model] if args.model else []))
+        rest += ["--model", args.model] if args.model else []
+        return evaluate_main(rest + (["--device-map", args.device_map] if args.device_map else []))
     if args.command == "trace":
         from chat_app.tracing_cli import trace_to_png
 

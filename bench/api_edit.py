@@ -55,7 +55,8 @@ def instrument(service: Any) -> None:
 
     import chat_app.completions as completions_mod
 
-    for module, name in ((service_mod, "complete"), (service_mod, "complete_batch"), (completions_mod, "complete_batch")):
+    for module, name in ((service_mod, "complete"), (service_mod, "complete_batch"), (service_mod, "answer"),
+                         (completions_mod, "complete_batch"), (completions_mod, "answer")):  # fmt: skip
         if hasattr(module, name):  # the outermost generation calls only, so nothing is counted twice
             setattr(module, name, timed("probes", getattr(module, name)))
     editor_mod.tensor_checksum = timed("checksums", editor_mod.tensor_checksum)

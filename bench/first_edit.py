@@ -43,6 +43,9 @@ def main() -> None:
                   flush=True)  # fmt: skip
     stats = sorted(p.name for p in (folder / "cache" / "stats").glob("*.pt"))
     print(f"statistics computed: {stats}")
+    t0 = time.perf_counter()
+    with running_app(folder / "ledger.db", folder / "server2.log"):
+        print(f"second start: page serves after {time.perf_counter() - t0:.1f} s (2 edits replayed)", flush=True)
 
 
 if __name__ == "__main__":

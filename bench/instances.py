@@ -13,12 +13,23 @@ all in this process on a tiny random Llama (``--real``: the default model, as th
    weights hold the ledger's applied set; then a revert through C, until A and B both follow;
 2. ``--ops`` interleaved edits, supersedes, reverts and re-applies from A, B and C in three
    threads, then: each instance's weights against a clean rebuild from the ledger, the ledger's
-   integrity check, and every change a thread was told succeeded found once in the ledger.
+   integrity check, and every change a thread was told succeeded found once in the ledger;
+3. ``--kills`` rounds of SIGKILL mid-edit, on a tiny model saved to disk and a fresh ledger (a new
+   database with ``--pg``, else a new SQLite file): instance A
+   runs as separate processes (``tests/fault_worker.py``); one is SIGKILLed inside the commit of its
+   edit (its weights already changed), then another commits an edit. Per round: whether B (this
+   process, with its follower) kept its weights through the kill, how long after that commit B
+   held it (from the committing process's report, written just after its commit), and whether the
+   killed instance, restarted (``build_service``, as the app starts), comes up with B's weights.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import signal
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -36,7 +47,9 @@ from chat_app.runtime import Settings, build_service  # noqa: E402
 from chat_app.service import EditService  # noqa: E402
 from editing import EditRequest  # noqa: E402
 from tests.pg_server import PgServer, wait_until  # noqa: E402
-from tests.reliability_helpers import digest, fast_service, one_thread  # noqa: E402
+from tests.reliability_helpers import (  # noqa: E402
+    app_env, digest, fast_service, in_process_app, one_thread, tiny_app_on_disk, wait_for_json,
+)
 
 SUBJECTS = ("The Eiffel tower", "The Colosseum", "Big Ben", "Apple", "Google", "Microsoft", "Paris", "Rome")
 TARGETS = ("rome", "london", "paris", "france", "italy", "england")
@@ -116,6 +129,74 @@ def interleaved(a: EditService, b: EditService, c: EditService, ops: int, make: 
     return lines
 
 
+def kill_round(b: EditService, disk: dict[str, Path], url: str, out: Path, n: int) -> dict[str, object]:
+    """One SIGKILL mid-edit of another process (A), then a committed edit by a third; B follows only that one."""
+    facts = {"killed": (f"{SUBJECTS[n % len(SUBJECTS)]}", "Located in {}", "rome"),
+             "committed": (f"{SUBJECTS[(n + 1) % len(SUBJECTS)]}", "{} is in", TARGETS[n % len(TARGETS)])}  # fmt: skip
+    spec = []
+    for name, fact in facts.items():  # the child paused inside its commit holds the writer lock first
+        (out / name).mkdir(parents=True)
+        spec.append({"argv": [str(disk["model"]), url, str(out / name), "edit", *fact],
+                     "pause_at": f"{'commit' if name == 'killed' else 'after'}:mark_applied"})  # fmt: skip
+    (out / "spec.json").write_text(json.dumps(spec))
+    before = digest(b.model)
+    with open(out / "workers.log", "wb") as log:
+        parent = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_worker.py"), "--each", str(out / "spec.json")],
+                                  env=app_env(disk["cache"]), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            killed = wait_for_json(out / "killed" / "paused.json", parent, 300)
+            os.kill(killed["pid"], signal.SIGKILL)  # its weights hold the edit; its commit never happened
+            committed = wait_for_json(out / "committed" / "paused.json", parent, 300)
+            kept = killed["weights"] != before and digest(b.model) in (before, committed["weights"])
+            t_commit = (out / "committed" / "paused.json").stat().st_mtime
+            ids = b.ledger.applied_ids()
+            wait_until(lambda: b._applied_ids() == ids, 30.0, 0.005)  # noqa: SLF001
+            follow = time.time() - t_commit
+            os.kill(committed["pid"], signal.SIGKILL)
+            parent.wait(60)
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+                parent.wait()
+    t0 = time.perf_counter()
+    with in_process_app(disk["cache"]), one_thread():
+        restarted, startup = build_service(Settings(model=str(disk["model"]), db=url))
+    restart_s = time.perf_counter() - t0
+    result = {
+        "B kept its weights through the kill": kept,
+        "B equals the committing process": digest(b.model) == committed["weights"],
+        "B followed the commit (s)": round(follow, 3),
+        "restart (s)": round(restart_s, 2),
+        "restarted equals B": digest(restarted.model) == digest(b.model),
+        "killed edit marked failed at restart": len(startup.repaired),
+        "ledger integrity problems": len(b.ledger.integrity_check()) + len(b.ledger.pending()),
+    }
+    restarted.ledger.close()
+    return result
+
+
+def kill_mid_edit(url: str, rounds: int) -> list[str]:
+    """``rounds`` of ``kill_round`` on one ledger, with B built once and following throughout."""
+    root = Path(tempfile.mkdtemp())
+    disk = tiny_app_on_disk(root, {})
+    with in_process_app(disk["cache"]), one_thread():
+        b, _ = build_service(Settings(model=str(disk["model"]), db=url))
+    follower = Follower(b).start()
+    try:
+        results = [kill_round(b, disk, url, root / f"round{n}", n) for n in range(rounds)]
+    finally:
+        follower.stop()
+    follows = [float(r["B followed the commit (s)"]) for r in results]
+    restarts = [float(r["restart (s)"]) for r in results]
+    ok = all(r["B kept its weights through the kill"] and r["B equals the committing process"]
+             and r["restarted equals B"] and r["killed edit marked failed at restart"] == 1
+             and r["ledger integrity problems"] == 0 for r in results)  # fmt: skip
+    return [*(json.dumps(r) for r in results),
+            f"SIGKILL mid-edit, {rounds} rounds, two processes on {b.ledger.where}: all consistent {ok}; B followed the "
+            f"next commit median {statistics.median(follows):.3f} s (max {max(follows):.3f}); the killed instance "
+            f"restarted into B's weights in median {statistics.median(restarts):.2f} s"]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", help="ledger URL or file (default: a new SQLite file)")
@@ -123,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edits", type=int, default=10)
     parser.add_argument("--ops", type=int, default=100)
     parser.add_argument("--real", action="store_true", help="the embedded default model instead of a tiny one")
+    parser.add_argument("--kills", type=int, default=3, help="rounds of SIGKILL mid-edit (tiny model, fresh ledger)")
     args = parser.parse_args(argv)
     server = PgServer.start() if args.pg else None
     url = server.new_database() if server else args.db or str(Path(tempfile.mkdtemp()) / "ledger.db")
@@ -142,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(line)  # noqa: T201
             for follower in followers:
                 follower.stop()
+        if args.kills:
+            kill_url = server.new_database() if server else str(Path(tempfile.mkdtemp()) / "kill.db")
+            for line in kill_mid_edit(kill_url, args.kills):
+                print(line)  # noqa: T201
     finally:
         if server:
             server.stop()

@@ -19,7 +19,7 @@ import time
 import torch
 
 from editing.loading import load_model
-from editing.tracing.precision import PRECISIONS
+from editing.precision import PRECISIONS
 from editing.tracing import KINDS, embedding_std, suggest_layer, trace
 
 PROMPTS = [

@@ -7,7 +7,8 @@ from chat_app.locks import RWLock
 from chat_app.probes import answer, holds
 from chat_app.results import VerifyItem
 from db import Ledger
-from editing import RankOneEdit, RomeEditor
+from editing import RomeEditor
+from editing.fact_payload import Applied
 
 
 class LedgerChecks:
@@ -16,7 +17,7 @@ class LedgerChecks:
     editor: RomeEditor
     ledger: Ledger
     weights: RWLock
-    _edits: dict[int, RankOneEdit]
+    _edits: dict[int, Applied]
     model: Any
     tok: Any
 
@@ -38,11 +39,10 @@ class LedgerChecks:
         problems = []
         with self.weights.read():
             records = self.ledger.applied()
-            by_object = {id(edit): edit_id for edit_id, edit in self._edits.items()}
-            order = [by_object.get(id(e)) for e in self.editor.applied]
+            order = self._applied_ids()  # type: ignore[attr-defined]  # LedgerSync's, mixed in beside
             if order != [r.id for r in records]:
                 problems.append(f"weights hold edits {order} but the ledger's applied sequence is {[r.id for r in records]}")
-            for record, checksum in zip(records, self.editor.sequence_checksums()):
+            for record, (_, checksum) in zip(records, self._state_checksums()):  # type: ignore[attr-defined]
                 if record.state_checksum is None:
                     problems.append(f"edit #{record.id}: no parameter checksum is stored, so its state cannot be verified")
                 elif record.state_checksum != checksum:

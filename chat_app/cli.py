@@ -21,7 +21,7 @@ from chat_app.settings import Settings, ledger_url
 from db import Ledger
 from db.durability import file_problems
 from db.engine import sqlite_file
-from editing.defaults import EXPORT_FORMATS
+from editing.defaults import EXPORT_FORMATS, STRENGTHENED
 
 if TYPE_CHECKING:
     from chat_app.service import EditService
@@ -42,19 +42,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     edit.add_argument("--file", help="facts from a .json, .jsonl or .csv file (subject/relation/target or "
                       "EasyEdit's prompt/subject/target_new); refused whole if any row is bad")
     edit.add_argument("--dry-run", action="store_true", help="with --file: check and list the facts, apply nothing")
+    edit.add_argument("--batch", action="store_true",
+                      help="with --file: apply the facts as one MEMIT batch (all recorded, or none) instead of one by one")
     edit.add_argument("--layer", type=int)
     edit.add_argument("--paraphrase", action="append", default=[], help="a prompt to check (repeatable)")
     edit.add_argument("--neighbour", action="append", default=[], help="a prompt that must not change (repeatable)")
     edit.add_argument("--note")
     edit.add_argument("--force", action="store_true",
                       help="apply even if the update norm is an outlier, or the edit's own prompt does not hold after it")
+    edit.add_argument("--strengthen", action="store_true",
+                      help="for an edit that does not show in the answer: "
+                      + ", ".join(f"{k}={v}" for k, v in STRENGTHENED.items()))  # fmt: skip
     edit.add_argument("--json", action="store_true")
     history = sub.add_parser("history", help="list the ledger")
     history.add_argument("--status")
+    history.add_argument("--batch", help="only the facts of this batch")
     history.add_argument("--json", action="store_true")
     for name in ("revert", "reapply"):
-        cmd = sub.add_parser(name, help=f"{name} an edit by id")
-        cmd.add_argument("id", type=int)
+        cmd = sub.add_parser(name, help=f"{name} an edit by id, or every fact of a batch with --batch ID")
+        cmd.add_argument("id", type=int, nargs="?")
+        cmd.add_argument("--batch", help="the batch id (history's batch column)")
         cmd.add_argument("--json", action="store_true")
     verify = sub.add_parser("verify", help="re-check applied edits (and with --integrity the ledger)")
     verify.add_argument("--integrity", action="store_true")
@@ -80,7 +87,8 @@ def _row(r: Any) -> dict[str, Any]:
     return {"id": r.id, "status": r.status, "subject": r.subject, "relation": r.relation, "target": r.target,
             "layer": r.layer, "answer_before": r.answer_before, "answer_after": r.answer_after,
             "created_at": r.created_at.isoformat(), "superseded_by": r.superseded_by, "author": r.author,
-            "holding": None if r.status != "applied" else not r.not_holding}  # fmt: skip
+            "holding": None if r.status != "applied" else not r.not_holding, "batch_id": r.batch_id,
+            "batch_index": r.batch_index, "batch_size": r.batch_size}  # fmt: skip
 
 
 def _shown_status(row: dict[str, Any]) -> dict[str, Any]:
@@ -110,9 +118,11 @@ def _progress(stage: str, frac: float) -> None:
 def run_read_command(args: argparse.Namespace, reader: LedgerReader) -> int:
     """``history`` and ``export``: the ledger alone."""
     if args.command == "history":
-        rows = [_row(r) for r in reader.history(status=args.status)]
+        rows = [_row(r) for r in reader.history(status=args.status, batch=getattr(args, "batch", None))]
         shown = [_shown_status(r) for r in rows]
         columns = ["id", "status", "subject", "relation", "target", "layer", "answer_before", "author"]
+        if any(r["batch_id"] for r in rows):
+            columns.append("batch_id")
         _emit(args, rows, _table(shown, columns))
     else:
         count = reader.export_edits(args.path, args.ids)
@@ -130,18 +140,29 @@ def run_command(args: argparse.Namespace, service: EditService) -> int:
     if cmd == "edit" and args.file:
         return _edit_file(args, service)
     if cmd == "edit":
+        if args.batch:
+            raise ValueError("--batch applies the facts of --file as one batch; give --file")
         if not (args.subject and args.relation and args.target):
             raise ValueError("edit needs --subject, --relation and --target, or --file")
         request = EditRequest(args.subject, args.relation, args.target, args.layer)
         result = service.apply(request, paraphrases=args.paraphrase, neighbours=args.neighbour, note=args.note,
-                               allow_outlier=args.force, force=args.force, progress=_progress)  # fmt: skip
+                               allow_outlier=args.force, force=args.force, progress=_progress,
+                               **(STRENGTHENED if args.strengthen else {}))  # fmt: skip
         data = {**_row(result.record), "superseded": list(result.superseded), "stats": result.stats,
                 "probes": [p.to_dict() for p in result.probes]}  # fmt: skip
         text = _table([p.to_dict() for p in result.probes], ["kind", "prompt", "before", "after", "holds"])
         sup = f"; superseded {list(result.superseded)}" if result.superseded else ""
         held = "" if not result.record.not_holding else " (applied, not holding: its own prompt does not give the target)"
         _emit(args, data, f"applied edit #{result.edit_id}{held}{sup}\n{text}")
+    elif cmd in ("revert", "reapply") and args.batch:
+        if args.id is not None:
+            raise ValueError(f"{cmd} takes an edit id or --batch ID, not both")
+        records = (service.revert_batch if cmd == "revert" else service.reapply_batch)(args.batch)
+        rows = [_row(r) for r in records]
+        _emit(args, rows, f"batch {args.batch}:\n{_table(rows, ['id', 'batch_index', 'status', 'subject', 'target'])}")
     elif cmd in ("revert", "reapply"):
+        if args.id is None:
+            raise ValueError(f"{cmd} needs an edit id, or --batch ID")
         record = (service.revert if cmd == "revert" else service.reapply)(args.id)
         _emit(args, _row(record), f"edit #{record.id} is now {record.status}")
     elif cmd == "verify":
@@ -193,17 +214,23 @@ def _edit_file(args: argparse.Namespace, service: EditService) -> int:
     """``edit --file``: every row checked before any is applied; a per-fact result table."""
     if args.subject or args.relation or args.target:
         raise ValueError("use either --file or --subject/--relation/--target, not both")
-    from chat_app.fact_batch import apply_facts
+    from chat_app.fact_batch import apply_facts, apply_facts_batch
 
     facts = read_facts(args.file)
-    done = lambda i, n: log.info("fact %d of %d", i, n)  # noqa: E731
-    outcomes = apply_facts(service, facts, dry_run=args.dry_run, note=args.note, on_fact=done)
+    if args.batch:
+        outcomes = apply_facts_batch(service, facts, dry_run=args.dry_run, note=args.note, progress=_progress)
+    else:
+        done = lambda i, n: log.info("fact %d of %d", i, n)  # noqa: E731
+        outcomes = apply_facts(service, facts, dry_run=args.dry_run, note=args.note, on_fact=done)
     rows = [o.to_dict() for o in outcomes]
-    applied = sum(o.status == "applied" for o in outcomes)
+    applied = sum(o.status.startswith("applied") for o in outcomes)
+    batch_id = outcomes[0].batch_id if outcomes else None
     head = (f"{len(facts)} facts checked, nothing applied (dry run)" if args.dry_run
-            else f"applied {applied} of {len(facts)} facts")  # fmt: skip
-    _emit(args, {"facts": rows, "applied": applied, "dry_run": args.dry_run},
-          f"{head}\n{_table(rows, ['line', 'subject', 'relation', 'target', 'status', 'edit_id', 'detail'])}")
+            else f"applied {applied} of {len(facts)} facts" + (f" as batch {batch_id}" if batch_id else ""))  # fmt: skip
+    columns = ["line", "subject", "relation", "target", "status", "edit_id", "detail"]
+    columns += ["before", "after"] if batch_id else []
+    _emit(args, {"facts": rows, "applied": applied, "dry_run": args.dry_run, "batch_id": batch_id},
+          f"{head}\n{_table(rows, columns)}")
     return 0 if args.dry_run or applied == len(facts) else 1
 
 

@@ -17,10 +17,11 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from chat_app.probes import complete
+from chat_app.probes import answer, complete
 from editing import RomeEditor
 
 State = tuple[str, ...]
+Key = tuple[State, str, str]  # (weight state, probe kind, prompt)
 MAX_ITEMS = 512  # remembered answers; the oldest go first
 MAX_NEW_TOKENS = 8  # as ``probes.complete``
 
@@ -43,36 +44,45 @@ def complete_batch(
 
 
 class CompletionCache:
-    """Remembered greedy completions per (weight state, prompt); thread-safe."""
+    """Remembered probe answers per (weight state, kind, prompt); thread-safe.
+
+    ``kind`` is ``"complete"`` for greedy completions (every probe but the chat row) or ``"chat"``
+    for the chat row's reply (``probes.answer``), which the form's preview prepares too.
+    """
 
     def __init__(self, max_items: int = MAX_ITEMS) -> None:
-        self._items: OrderedDict[tuple[State, str], str] = OrderedDict()
+        self._items: OrderedDict[Key, str] = OrderedDict()
         self._lock = threading.Lock()
         self.max_items = max_items
         self.hits = self.misses = 0
 
-    def put(self, state: State, prompt: str, answer: str) -> None:
+    def put(self, state: State, prompt: str, answer: str, kind: str = "complete") -> None:
+        key = (state, kind, prompt)
         with self._lock:
-            self._items[(state, prompt)] = answer
-            self._items.move_to_end((state, prompt))
+            self._items[key] = answer
+            self._items.move_to_end(key)
             while len(self._items) > self.max_items:
                 self._items.popitem(last=False)
 
-    def _get(self, state: State, prompt: str) -> str | None:
+    def _get(self, state: State, prompt: str, kind: str = "complete") -> str | None:
         with self._lock:
-            return self._items.get((state, prompt))
+            return self._items.get((state, kind, prompt))
 
-    def answers(self, editor: RomeEditor, prompts: Sequence[str]) -> list[str]:
-        """The completion of each prompt on ``editor``'s current weights: remembered ones reused, the rest generated.
+    def answers(self, editor: RomeEditor, prompts: Sequence[str], kind: str = "complete") -> list[str]:
+        """Each prompt's answer on ``editor``'s current weights: remembered ones reused, the rest generated.
 
         The caller holds the weights steady (the service's read lock) for the duration.
         """
         state = weights_state(editor)
-        known = {p: self._get(state, p) for p in dict.fromkeys(prompts)}
-        missing = [p for p, answer in known.items() if answer is None]
+        known = {p: self._get(state, p, kind) for p in dict.fromkeys(prompts)}
+        missing = [p for p, text in known.items() if text is None]
         self.hits += len(prompts) - len(missing)
         self.misses += len(missing)
-        for prompt, answer in zip(missing, complete_batch(editor.model, editor.tok, missing)):
-            known[prompt] = answer
-            self.put(state, prompt, answer)
+        if kind == "complete":
+            texts = complete_batch(editor.model, editor.tok, missing)
+        else:
+            texts = [answer(editor.model, editor.tok, p, kind) for p in missing]
+        for prompt, text in zip(missing, texts):
+            known[prompt] = text
+            self.put(state, prompt, text, kind)
         return [known[p] for p in prompts]  # type: ignore[misc]

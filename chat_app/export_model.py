@@ -16,7 +16,7 @@ from typing import Any
 
 from chat_app.model_card import model_card
 from db import EditRecord
-from editing import RankOneEdit
+from editing.fact_payload import decode_payload, shares
 from editing.defaults import EXPORT_FORMATS
 from editing.export import save_lora, save_merged
 
@@ -58,7 +58,7 @@ def write_model(service: Any, dest: str | Path, fmt: str = "hf", ids: list[int] 
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     path = _target(dest)
     records = _chosen(service.ledger.applied(), ids)
-    edits = [RankOneEdit.from_payload(r.meta, r.factors or b"") for r in records]
+    edits = [share for r in records for share in shares(decode_payload(r.meta, r.factors or b""))]  # batch facts: every layer
     editor, source = service.editor, service.source
     if fmt == "gguf" and not str(source).endswith(".gguf"):
         raise ValueError(f"gguf export needs a model loaded from a GGUF file; this one came from {source}. "

@@ -1,4 +1,4 @@
-"""Apply the facts of a file through the service: every fact checked first, then applied one by one."""
+"""Apply the facts of a file through the service: every fact checked first, then applied one by one or as one MEMIT batch."""
 from __future__ import annotations
 
 import logging
@@ -17,13 +17,17 @@ class FactOutcome:
     line: int
     fact: FileFact
     edit_id: int | None  # None: not applied
-    status: str  # "applied", "would apply" (dry run) or "refused"
+    status: str  # "applied", "applied, not holding", "would apply" (dry run) or "refused"
     detail: str = ""
+    batch_id: str | None = None
+    before: str | None = None  # the fact's own prompt answered before and after
+    after: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         r = self.fact.request
         return {"line": self.line, "subject": r.subject, "relation": r.relation, "target": r.target,
-                "layer": r.layer, "edit_id": self.edit_id, "status": self.status, "detail": self.detail}  # fmt: skip
+                "layer": r.layer, "edit_id": self.edit_id, "status": self.status, "detail": self.detail,
+                "batch_id": self.batch_id, "before": self.before, "after": self.after}  # fmt: skip
 
 
 def check_facts(service: EditService, facts: list[FileFact]) -> None:
@@ -40,7 +44,7 @@ def check_facts(service: EditService, facts: list[FileFact]) -> None:
 
 def apply_facts(
     service: EditService, facts: list[FileFact], *, dry_run: bool = False, note: str | None = None,
-    on_fact: Callable[[int, int], None] | None = None,
+    on_fact: Callable[[int, int], None] | None = None, author: str | None = None,
 ) -> list[FactOutcome]:
     """Check every fact, then (unless ``dry_run``) apply them in file order; a refused fact does not stop the rest."""
     check_facts(service, facts)
@@ -50,11 +54,32 @@ def apply_facts(
     for i, fact in enumerate(facts):
         try:
             result = service.apply(fact.request, paraphrases=list(fact.paraphrases), neighbours=list(fact.neighbours),
-                                   note=note)  # fmt: skip
+                                   note=note, author=author)  # fmt: skip
             outcomes.append(FactOutcome(fact.line, fact, result.edit_id, "applied"))
         except ValueError as err:
             log.warning("line %d refused: %s", fact.line, err)
             outcomes.append(FactOutcome(fact.line, fact, None, "refused", str(err)))
         if on_fact is not None:
             on_fact(i + 1, len(facts))
+    return outcomes
+
+
+def apply_facts_batch(
+    service: EditService, facts: list[FileFact], *, dry_run: bool = False, note: str | None = None,
+    progress: Callable[[str, float], None] | None = None, author: str | None = None,
+) -> list[FactOutcome]:
+    """Check every fact, then (unless ``dry_run``) apply them all as one MEMIT batch: all recorded, or none.
+
+    A refused batch (bad input, a non-finite or outlier update) raises ``ValueError``; nothing is applied.
+    """
+    check_facts(service, facts)
+    if dry_run:
+        return [FactOutcome(f.line, f, None, "would apply") for f in facts]
+    result = service.apply_batch([f.request for f in facts], checks=[(f.paraphrases, f.neighbours) for f in facts],
+                                 note=note, author=author, progress=progress)  # fmt: skip
+    outcomes = []
+    for fact, record, probes in zip(facts, result.records, result.probes):
+        status = "applied, not holding" if record.not_holding else "applied"
+        outcomes.append(FactOutcome(fact.line, fact, record.id, status, "", result.batch_id,
+                                    probes[0].before if probes else None, probes[0].after if probes else None))  # fmt: skip
     return outcomes

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 from chat_app.threads import generation_threads
 from editing.evaluation.chat_metrics import names
 from editing.generation import REPETITION_PENALTY, ChatSettings, chat_reply, generation_kwargs
+from editing.placement import input_device
 from editing.questions import fact_from_question, question_for
 
 __all__ = [
@@ -29,7 +30,7 @@ class TopToken:
 @torch.no_grad()
 def complete(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 8) -> str:
     """Greedy continuation of ``prompt``, cut at the first line break or sentence end."""
-    enc = tok(prompt, return_tensors="pt").to(model.device)
+    enc = tok(prompt, return_tensors="pt").to(input_device(model))
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return first_sentence(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
 
@@ -59,7 +60,7 @@ def answer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, ki
 
 @torch.no_grad()
 def top_next(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, k: int = 5) -> list[TopToken]:
-    enc = tok(prompt, return_tensors="pt").to(model.device)
+    enc = tok(prompt, return_tensors="pt").to(input_device(model))
     probs = model(**enc).logits[0, -1].float().softmax(-1)
     top = probs.topk(k)
     return [TopToken(tok.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
@@ -103,7 +104,7 @@ def stream_chat(
     control returns, so a caller's weights lock is not released under a running forward pass.
     """
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    enc = {k: v.to(model.device) for k, v in enc.items()}
+    enc = {k: v.to(input_device(model)) for k, v in enc.items()}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
     kwargs = generation_kwargs(ChatSettings(temperature, max_new_tokens, repetition_penalty), tok)  # the shared settings
     stop = threading.Event()

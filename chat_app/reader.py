@@ -20,8 +20,8 @@ class LedgerReader:
     def open(cls, settings: Settings) -> LedgerReader:
         return cls(Ledger.open(ledger_url(settings)))
 
-    def history(self, status: str | None = None, text: str | None = None) -> list[EditRecord]:
-        return self.ledger.history(status=status or None, text=text or None)
+    def history(self, status: str | None = None, text: str | None = None, batch: str | None = None) -> list[EditRecord]:
+        return self.ledger.history(status=status or None, text=text or None, batch=batch or None)
 
     def export_edits(self, path: str | Path, ids: list[int] | None = None) -> int:
         """Write the applied edits (or ``ids``) to one file; return how many were written."""

@@ -46,3 +46,15 @@ class VerifyItem:
     def holds(self) -> bool:
         """The edit's own checks hold (prompt, paraphrases, neighbours); the chat row is reported beside them."""
         return all(p["holds"] for p in self.probes if p.get("kind") != "chat")
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """A MEMIT batch as recorded: one ledger edit per fact, in the batch's order."""
+
+    batch_id: str
+    edit_ids: tuple[int, ...]
+    records: tuple[EditRecord, ...]
+    probes: tuple[tuple[Probe, ...], ...]  # per fact: its prompt, then its paraphrases and neighbours
+    superseded: tuple[int, ...]
+    stats: dict[str, Any] = field(default_factory=dict)

@@ -26,7 +26,7 @@ SEEN_FILE = ".ledgers-seen.json"  # in the data folder: the highest edit id each
 def build_service(settings: Settings) -> tuple[EditService, StartupReport]:
     """Load the model, open the ledger, replay it; log progress for the terminal."""
     log.info("loading model %s", settings.model or "SmolLM2-135M-Instruct (embedded)")
-    model, tok = load_model(settings.model, device=settings.device)
+    model, tok = load_model(settings.model, device=settings.device, device_map=settings.device_map)
     editor = RomeEditor(model, tok)
     ledger = Ledger.open(ledger_url(settings))
     for problem in header_problems(ledger.file) if ledger.file is not None else ():

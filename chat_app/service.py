@@ -23,10 +23,12 @@ from chat_app.probes import (
 )
 from chat_app.checks import LedgerChecks
 from chat_app.results import ApplyResult, Probe
-from chat_app.sync import LedgerSync
+from chat_app.batch_service import BatchEdits
+from chat_app.sync import LedgerSync, decode_record
 from db import EditRecord, EventRecord, Ledger, LedgerError
 from editing import EditRequest, RankOneEdit, RomeEditor
 from editing.arch import mlp_out_param_name
+from editing.fact_payload import Applied, shares
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
@@ -39,7 +41,7 @@ class ReadOnlyError(PermissionError):
     """The app runs read-only: edits, reverts and imports are refused."""
 
 
-class EditService(LedgerSync, LedgerChecks):
+class EditService(BatchEdits, LedgerSync, LedgerChecks):
     def __init__(self, editor: RomeEditor, ledger: Ledger, *, actor: str = "app", read_only: bool = False,
                  source: str | None = None) -> None:  # fmt: skip
         self.editor, self.ledger = editor, ledger
@@ -47,7 +49,7 @@ class EditService(LedgerSync, LedgerChecks):
         self.actor, self.read_only = actor, read_only
         self.weights = RWLock()
         self._edit_mutex = threading.Lock()
-        self._edits: dict[int, RankOneEdit] = {}  # ledger id -> applied edit object
+        self._edits: dict[int, Applied] = {}  # ledger id -> applied edit object (a batch fact: its shares)
         self.synced_at: float | None = None  # time.time() the weights were last checked against the ledger
         # ROME_CHAT_MIN_TARGET_PROB: tiny test models, which cannot become confident, run the app with 0;
         # 0 also lifts the check that the edited prompt's answer names the target, which they cannot meet
@@ -67,8 +69,8 @@ class EditService(LedgerSync, LedgerChecks):
     def active_count(self) -> int:
         return len(self._edits)
 
-    def history(self, status: str | None = None, text: str | None = None) -> list[EditRecord]:
-        return self.ledger.history(status=status or None, text=text or None)
+    def history(self, status: str | None = None, text: str | None = None, batch: str | None = None) -> list[EditRecord]:
+        return self.ledger.history(status=status or None, text=text or None, batch=batch or None)
 
     def record(self, edit_id: int) -> EditRecord:
         return self.ledger.get(edit_id)
@@ -80,10 +82,14 @@ class EditService(LedgerSync, LedgerChecks):
         """Applied edits of the same subject and relation, which ``apply`` would supersede."""
         return self.ledger.find_applied(request.subject, request.relation)
 
-    def preview(self, prompt: str, k: int = 5) -> tuple[str, list[TopToken]]:
+    def preview(self, prompt: str, k: int = 5, question: str | None = None) -> tuple[str, list[TopToken]]:
+        """The prompt's greedy completion and top next tokens; with ``question``, its chat reply is prepared
+        (remembered, for the edit's chat row) too."""
         if not prompt.strip():
             raise ValueError("type a prompt to preview")
         with self.weights.read():
+            if question:
+                self.completions.answers(self.editor, [question], "chat")
             return self.completions.answers(self.editor, [prompt])[0], top_next(self.model, self.tok, prompt, k)
 
     def chat(self, messages: list[dict[str, str]], temperature: float = 0.0, max_new_tokens: int = 128,
@@ -131,24 +137,26 @@ class EditService(LedgerSync, LedgerChecks):
             return f"the optimisation did not reach the target (probability {edit.stats['target_prob']:.3f})"
         return reason
 
-    def _unsafe(self, edit: RankOneEdit, allow_outlier: bool) -> str | None:
-        """Why adding ``edit``'s update to the weights is unsafe (non-finite, or an outlier), or None."""
-        if not math.isfinite(edit.update_norm):
-            return "the update has non-finite values (its norm overflows float32)"
+    def _unsafe(self, edit: Applied, allow_outlier: bool) -> str | None:
+        """Why adding ``edit``'s update (each share of a batch fact) to the weights is unsafe (non-finite, or an outlier), or None."""
         norms = [e.update_norm for e in self.editor.applied]
-        if len(norms) >= 3 and not allow_outlier:
-            median = statistics.median(norms)
-            if edit.update_norm > OUTLIER_FACTOR * median:
-                return (f"update norm {edit.update_norm:.3g} is over {OUTLIER_FACTOR:g}× the median of applied "
-                        f"edits ({median:.3g}); apply with the override if this is intended")  # fmt: skip
+        for share in shares(edit):
+            if not math.isfinite(share.update_norm):
+                return "the update has non-finite values (its norm overflows float32)"
+            if len(norms) >= 3 and not allow_outlier:
+                median = statistics.median(norms)
+                if share.update_norm > OUTLIER_FACTOR * median:
+                    return (f"update norm {share.update_norm:.3g} is over {OUTLIER_FACTOR:g}× the median of applied "
+                            f"edits ({median:.3g}); apply with the override if this is intended")  # fmt: skip
         return None
 
-    def _misfit(self, edit: RankOneEdit) -> str | None:
-        """Why an edit from elsewhere (a file) does not describe this model's parameter, or None."""
-        if not 0 <= edit.layer < self.editor.n_layers:
-            return f"layer {edit.layer} is out of range; this model has layers 0 to {self.editor.n_layers - 1}"
-        if edit.param_name != mlp_out_param_name(self.model, edit.layer):
-            return f"it names layer {edit.layer} but rewrites {edit.param_name}"
+    def _misfit(self, edit: Applied) -> str | None:
+        """Why an edit from elsewhere (a file) does not describe this model's parameters, or None."""
+        for share in shares(edit):
+            if not 0 <= share.layer < self.editor.n_layers:
+                return f"layer {share.layer} is out of range; this model has layers 0 to {self.editor.n_layers - 1}"
+            if share.param_name != mlp_out_param_name(self.model, share.layer):
+                return f"it names layer {share.layer} but rewrites {share.param_name}"
         return None
 
     def apply(
@@ -172,13 +180,16 @@ class EditService(LedgerSync, LedgerChecks):
             self._sync_locked()  # another instance's edits first: ours supersedes what it can see
             old = self.conflicts(request)
             old_edits = [self._edits[r.id] for r in old]
-            with self.weights.read(), self.editor.view(without=old_edits):
+            with self.weights.read(), self.editor.view(without=_flat(old_edits)):
                 self.editor.validate(request, **overrides)
-                texts = [p for p, _ in prompts]  # the preview's answers are reused, unless the view hides old edits
-                answers = complete_batch(self.model, self.tok, texts) if old else self.completions.answers(self.editor, texts)
-                before = [(p, k, a) for (p, k), a in zip(prompts, answers)]
                 question = chat_question(request.subject, request.relation)  # the chat row: what users see
-                before.append((question, "chat", answer(self.model, self.tok, question, "chat")))
+                texts = [p for p, _ in prompts]  # the preview's answers are reused, unless the view hides old edits
+                if old:
+                    answers = complete_batch(self.model, self.tok, texts) + [answer(self.model, self.tok, question, "chat")]
+                else:
+                    answers = self.completions.answers(self.editor, texts) + self.completions.answers(
+                        self.editor, [question], "chat")  # fmt: skip
+                before = [(p, k, a) for (p, k), a in zip([*prompts, (question, "chat")], answers)]
                 try:
                     edit = self.editor.compute(request, progress=progress, **overrides)
                 except FloatingPointError as err:
@@ -188,7 +199,7 @@ class EditService(LedgerSync, LedgerChecks):
                 probes = () if reason else self._after_probes(request, edit, before, old_edits)
             if not reason and not probes[0].holds and not force and self.min_target_prob > 0:
                 reason = (f"the edited prompt still answers {probes[0].after!r}, which does not name {request.target!r}; "
-                          "try more steps, a higher learning rate or another layer, or apply anyway (force)")  # fmt: skip
+                          "strengthen it (the form's Strengthen, the CLI's --strengthen), try another layer, or apply anyway (force)")  # fmt: skip
             if not reason and self._sync_locked():  # another instance changed the ledger meanwhile: see its edits
                 old = self.conflicts(request)
                 old_edits = [self._edits[r.id] for r in old]
@@ -211,7 +222,7 @@ class EditService(LedgerSync, LedgerChecks):
                         actor=actor, supersedes=[r.id for r in old],
                     )  # fmt: skip
                     if old:
-                        self._store_state_checksums({e.param_name for e in old_edits})
+                        self._store_state_checksums({e.param_name for e in _flat(old_edits)})
                     self._remember(probes)
             except BaseException as err:
                 self._resync(f"apply of edit #{edit_id} failed: {err}", failed_id=edit_id)
@@ -221,9 +232,9 @@ class EditService(LedgerSync, LedgerChecks):
             return ApplyResult(edit_id, self.ledger.get(edit_id), probes, tuple(r.id for r in old), edit.stats)
 
     def _after_probes(self, request: EditRequest, edit: RankOneEdit, before: list[tuple[str, str, str]],
-                      old: list[RankOneEdit]) -> tuple[Probe, ...]:  # fmt: skip
+                      old: list[Applied]) -> tuple[Probe, ...]:  # fmt: skip
         """Each probe answered by the model as it will be once ``old`` is reverted and ``edit`` applied (this thread only)."""
-        with self.editor.view(without=old, extra=[edit]):
+        with self.editor.view(without=_flat(old), extra=[edit]):
             afters = complete_batch(self.model, self.tok, [p for p, k, _ in before if k != "chat"])
             afters += [answer(self.model, self.tok, p, k) for p, k, _ in before if k == "chat"]  # the chat row is last
         return tuple(Probe(p, k, request.target if k != "neighbour" else b, b, a)
@@ -233,8 +244,7 @@ class EditService(LedgerSync, LedgerChecks):
         """The after-answers are the new weights' completions: the form's next preview reuses them."""
         state = weights_state(self.editor)
         for probe in probes:
-            if probe.kind != "chat":  # the cache holds greedy completions, not chat replies
-                self.completions.put(state, probe.prompt, probe.after)
+            self.completions.put(state, probe.prompt, probe.after, "chat" if probe.kind == "chat" else "complete")
 
     def _refuse(self, request: EditRequest, reason: str, actor: str, answer_before: str) -> None:
         meta = {"subject": request.subject, "relation": request.relation, "target": request.target,
@@ -255,12 +265,13 @@ class EditService(LedgerSync, LedgerChecks):
                 raise ValueError(f"edit #{edit_id} is {record.status}, not applied; only applied edits can be reverted")
             try:
                 with self.weights.write():
-                    self.editor.revert(self._edits.pop(edit_id))
+                    removed = self._edits.pop(edit_id)
+                    self.editor.revert(removed)
                     self.ledger.mark_reverted(edit_id, actor=actor or self.actor)
             except BaseException as err:
                 self._resync(f"revert of edit #{edit_id} failed: {err}")
                 raise
-            self._store_state_checksums({record.param_name})
+            self._store_state_checksums({e.param_name for e in shares(removed)})
             return self.ledger.get(edit_id)
 
     def reapply(self, edit_id: int, actor: str | None = None) -> EditRecord:
@@ -271,7 +282,7 @@ class EditService(LedgerSync, LedgerChecks):
             record = self.ledger.get(edit_id)
             if record.status not in ("reverted", "superseded"):
                 raise ValueError(f"edit #{edit_id} is {record.status}; only reverted or superseded edits can be re-applied")
-            edit = RankOneEdit.from_payload(record.meta, record.factors or b"")
+            edit = decode_record(record)
             try:
                 with self.weights.write():
                     checksum = self.editor.apply(edit)
@@ -299,7 +310,7 @@ class EditService(LedgerSync, LedgerChecks):
             for n, item in enumerate(items):
                 reason = self._misfit(item[-1]) or self._unsafe(item[-1], allow_outlier)
                 if reason:
-                    prompt = item[-1].request.prompt
+                    prompt = shares(item[-1])[0].request.prompt
                     raise ValueError(f"import refused: edit {n} of the file ({prompt!r:.80}): {reason}")
             try:
                 with self.weights.write():
@@ -334,6 +345,9 @@ class EditService(LedgerSync, LedgerChecks):
         Only edits of ``names`` (default: all) are hashed: removing an edit changes the states of
         later edits of its own parameter and of no other.
         """
-        by_object = {id(edit): edit_id for edit_id, edit in self._edits.items()}
-        sums = self.editor.sequence_checksums(names)
-        self.ledger.set_state_checksums({by_object[id(e)]: c for e, c in zip(self.editor.applied, sums) if c is not None})
+        self.ledger.set_state_checksums({edit_id: c for edit_id, c in self._state_checksums(names) if c is not None})
+
+
+def _flat(edits: list[Applied]) -> list[RankOneEdit]:
+    """Every rank-one update of ``edits``, in order (a batch fact contributes its shares)."""
+    return [share for edit in edits for share in shares(edit)]

@@ -24,6 +24,7 @@ class Settings:
     model: str | None = None  # None: the embedded default model
     db: str | None = None  # SQLAlchemy URL or file path; else $DATABASE_URL; else a file under data/
     device: str | None = None
+    device_map: str | None = None  # "auto" …: accelerate spreads the model over the devices (instead of ``device``)
     read_only: bool = False
     skip_edits: tuple[int, ...] = ()  # applied edits to quarantine at start-up (damaged factors)
     actor: str = "app"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from chat_app.service import EditService
 from db import EditRecord, LedgerError
-from editing import RankOneEdit
+from editing.fact_payload import Applied, decode_payload
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,9 @@ def replay(service: EditService, progress: Callable[[int, int], None] | None = N
     return StartupReport(len(ids), tuple(repaired), tuple(mismatches), time.perf_counter() - t0)
 
 
-def _decode(record: EditRecord) -> RankOneEdit:
+def _decode(record: EditRecord) -> Applied:
     try:
-        return RankOneEdit.from_payload(record.meta, record.factors or b"")
+        return decode_payload(record.meta, record.factors or b"")
     except ValueError as err:
         raise LedgerError(
             f"applied edit #{record.id} ({record.prompt!r:.80} → {record.target!r:.40}) cannot be replayed: {err}; "

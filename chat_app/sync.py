@@ -17,14 +17,16 @@ from collections.abc import Callable
 
 from chat_app.locks import RWLock
 from db import EditRecord, Ledger, LedgerError
-from editing import RankOneEdit, RomeEditor
+from editing import RomeEditor
+from editing.fact_payload import Applied, decode_payload, shares
 
 log = logging.getLogger(__name__)
-Decode = Callable[[EditRecord], RankOneEdit]
+Decode = Callable[[EditRecord], Applied]
 
 
-def decode_record(record: EditRecord) -> RankOneEdit:
-    return RankOneEdit.from_payload(record.meta, record.factors or b"")
+def decode_record(record: EditRecord) -> Applied:
+    """The stored edit: one rank-one update, or a batch fact's shares at every layer (exact factors)."""
+    return decode_payload(record.meta, record.factors or b"")
 
 
 class LedgerSync:
@@ -35,7 +37,7 @@ class LedgerSync:
     weights: RWLock
     synced_at: float | None
     _edit_mutex: threading.Lock
-    _edits: dict[int, RankOneEdit]
+    _edits: dict[int, Applied]  # ledger id -> what that edit added to the weights
 
     def sync(self) -> bool:
         """Bring the weights to the ledger's applied set, from the stored factors (no recomputation).
@@ -48,8 +50,23 @@ class LedgerSync:
             return self._sync_locked()
 
     def _applied_ids(self) -> list[int | None]:
-        by_object = {id(edit): edit_id for edit_id, edit in self._edits.items()}
-        return [by_object.get(id(e)) for e in self.editor.applied]
+        """The ledger ids of the edits in the weights, in order (a batch fact's shares are contiguous: one id)."""
+        owner = {id(share): edit_id for edit_id, edit in self._edits.items() for share in shares(edit)}
+        ids: list[int | None] = []
+        for share in self.editor.applied:
+            edit_id = owner.get(id(share))
+            if not ids or edit_id is None or ids[-1] != edit_id:
+                ids.append(edit_id)
+        return ids
+
+    def _state_checksums(self, names: set[str] | None = None) -> list[tuple[int, str | None]]:
+        """``(id, checksum)`` per applied edit, in order: its parameter's state right after it (see ``sequence_checksums``).
+
+        An edit's parameter is its last share's (a batch fact's top layer, as the ledger's ``param_name``).
+        """
+        last = {id(shares(edit)[-1]): edit_id for edit_id, edit in self._edits.items()}
+        sums = self.editor.sequence_checksums(names)
+        return [(last[id(e)], c) for e, c in zip(self.editor.applied, sums) if id(e) in last]
 
     def _sync_locked(self, rebuild: bool = False) -> bool:
         """``sync`` with the edit mutex held; ``rebuild=True`` rebuilds every parameter (after a failure)."""
@@ -67,7 +84,7 @@ class LedgerSync:
             return True
         with self.weights.write():
             for record in records[len(held):]:  # only additions: apply the new ones on top
-                edit = RankOneEdit.from_payload(record.meta, record.factors or b"")
+                edit = decode_record(record)
                 self.editor.apply(edit)
                 self._edits[record.id] = edit
         self.synced_at = now
@@ -90,13 +107,13 @@ class LedgerSync:
         edits = [self._edits.get(r.id) or decode(r) for r in records]
         missing, mismatches = {}, []
         with self.weights.write():
-            self.editor.rebuild(edits)
-            for record, checksum in zip(records, self.editor.sequence_checksums()):
+            self.editor.rebuild([share for edit in edits for share in shares(edit)])
+            self._edits = {r.id: e for r, e in zip(records, edits)}
+            for record, (_, checksum) in zip(records, self._state_checksums()):
                 if record.state_checksum is None:
                     missing[record.id] = checksum
                 elif record.state_checksum != checksum:
                     mismatches.append(record.id)
-            self._edits = {r.id: e for r, e in zip(records, edits)}
         self.synced_at = time.time()
         if mismatches:
             log.warning("rebuild: %d edits reproduced another parameter checksum than stored: %s", len(mismatches),

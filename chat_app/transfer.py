@@ -7,7 +7,7 @@ from pathlib import Path
 from chat_app.service import EditService
 from db import export_edits, read_export
 from db.schema import LedgerError
-from editing import RankOneEdit
+from editing.fact_payload import decode_payload
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def import_file(service: EditService, path: str | Path, actor: str | None = None
             f"the loaded model is {service.editor.fingerprint[:12]}…"
         )
     wanted = [e for e in bundle.edits if e.status == "applied"]
-    edits = [(e, RankOneEdit.from_payload(e.meta, e.factors)) for e in wanted]
+    edits = [(e, decode_payload(e.meta, e.factors)) for e in wanted]
     fresh = [(e, edit) for e, edit in edits if not service.ledger.is_duplicate(e.meta, e.factors_sha256)]
     imported = service.import_edits([(e.meta, e.factors, list(e.probes), e.note, e.author or actor, e.answer_before,
                                       e.answer_after, edit) for e, edit in fresh], actor=actor)  # fmt: skip

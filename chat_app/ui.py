@@ -7,7 +7,8 @@ only while the weights are swapped).
 
 API endpoints (``gradio_client``): ``/chat``, ``/preview``, ``/conflicts``, ``/apply_edit``,
 ``/history``, ``/detail``, ``/revert``, ``/reapply``, ``/verify``, ``/export``, ``/import_edits``,
-``/export_model``, ``/locate`` (exact causal trace), ``/locate_quick`` (its quick approximation).
+``/export_model``, ``/locate`` (exact causal trace), ``/locate_quick`` (its quick approximation), and for many
+facts ``/preview_file``, ``/apply_file``, ``/revert_batch``, ``/reapply_batch`` (``chat_app.ui_batch``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from typing import Any
 
 import gradio as gr
 
-from chat_app import ui_chat, ui_inputs, ui_layout, ui_locate
+from chat_app import ui_batch, ui_chat, ui_inputs, ui_layout, ui_locate
+from chat_app import ui_render as render
 from chat_app.follow import Follower
 from chat_app.probes import REPETITION_PENALTY
 from chat_app.service import EditService
@@ -62,6 +64,7 @@ def build_ui(service: EditService, warmup: StatsWarmup | None = None) -> gr.Bloc
                 chat = ui_layout.chat_tab()
             with gr.Tab("Correct a fact", id="form"):
                 form = ui_layout.form_tab(service)
+                batch = ui_batch.layout(service)
             with gr.Tab("History", id="history") as history_tab:
                 history = ui_layout.history_tab(service)
             with gr.Tab("Locate", id="locate"):
@@ -70,18 +73,19 @@ def build_ui(service: EditService, warmup: StatsWarmup | None = None) -> gr.Bloc
         timer = gr.Timer(REFRESH_S)
 
         views = [banner, history.table, chat.chatbot]
-        filters = [history.text, history.status]
+        filters = [history.text, history.status, history.batch]
         _wire_chat(service, chat)
         _wire_form(handlers, form, filters, views)
         _wire_history(handlers, history, filters, views, history_tab)
+        ui_batch.wire(ui_batch.BatchHandlers(service, warmup), batch, history, filters, views, handlers.refresh_page)
         _wire_locate(service, locate, form, tabs)
         chat.correct.click(ui_chat.correct_this, chat.conv, [form.subject, form.relation, tabs], queue=False)
 
-        def poll(last: Any, text: str, status: str) -> tuple[Any, ...]:
+        def poll(last: Any, text: str, status: str, batch: str) -> tuple[Any, ...]:
             now = handlers.signature()
             if now == last:
                 return tuple(gr.skip() for _ in range(len(views) + 1))
-            return (*handlers.refresh_page(text, status), now)
+            return (*handlers.refresh_page(text, status, batch), now)
 
         demo.load(poll, [seen, *filters], [*views, seen], api_visibility="private")
         timer.tick(poll, [seen, *filters], [*views, seen], show_progress="hidden", api_visibility="private")
@@ -137,19 +141,24 @@ def _wire_form(h: Handlers, f: SimpleNamespace, filters: list, views: list) -> N
           api_name="preview")  # fmt: skip
     fields = [*fact, f.paraphrases, f.neighbours, f.layer, f.steps, f.lr, f.kl, f.note]
     hidden, shown = (lambda: gr.Button(visible=False)), (lambda: gr.Button(visible=True))
-    for button, fn, name in ((f.apply, h.apply, "apply_edit"), (f.force, h.apply_anyway, "apply_edit_anyway")):
+    advise = lambda text: gr.Button(visible=render.STRENGTHEN_ADVICE in (text or ""))  # noqa: E731
+    for button, fn, name in ((f.apply, h.apply, "apply_edit"), (f.force, h.apply_anyway, "apply_edit_anyway"),
+                             (f.strengthen, h.strengthen, "apply_edit_strengthened")):  # fmt: skip
         applied = button.click(fn, fields, [f.result, f.probes], api_name=name, **WEIGHTS)
         # Also after a refusal (it is in the ledger). No spinner: the result above already says the edit is done.
         applied.then(h.refresh_page, filters, views, show_progress="hidden", api_visibility="private")
         applied.success(lambda *fields: ("", *h.preview(*fields)[:2]), fact, [f.conflict, f.completion, f.top],
                         show_progress="hidden", api_visibility="private")  # fmt: skip  (the new answer, remembered by apply)
         applied.success(hidden, None, f.force, api_visibility="private", queue=False)
-        if not h.service.read_only:  # a refusal offers to apply anyway (the service decides what it allows)
+        applied.success(advise, f.result, f.strengthen, api_visibility="private", queue=False)
+        if not h.service.read_only:  # a refusal offers to apply anyway or strengthened (the service decides)
             applied.failure(shown, None, f.force, api_visibility="private", queue=False)
+            applied.failure(shown, None, f.strengthen, api_visibility="private", queue=False)
 
 
 def _wire_history(h: Handlers, v: SimpleNamespace, filters: list, views: list, tab: gr.Tab) -> None:
-    gr.on([v.refresh.click, v.text.submit, v.status.change], h.history, filters, v.table, api_name="history")
+    gr.on([v.refresh.click, v.text.submit, v.status.change, v.batch.submit], h.history, filters, v.table,
+          api_name="history")  # fmt: skip
     tab.select(h.refresh_page, filters, views, api_visibility="private")
     v.table.select(h.select, None, [v.selected, v.detail], api_visibility="private")
     v.selected.submit(h.detail, v.selected, v.detail, api_name="detail")

@@ -1,4 +1,4 @@
-"""Event handlers of the form and History tabs: plain functions of the service, testable without a browser.
+"""Event handlers of the History tab and the page (the form's are in ``ui_form``): plain functions of the service.
 
 Handlers call only the public service API. A user's mistake (``ValueError``, a read-only
 refusal) becomes ``gr.Error`` with the service's message, raised before anything changes.
@@ -10,8 +10,6 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,11 +18,11 @@ import gradio as gr
 import pandas as pd
 
 from chat_app import ui_render as render
+from chat_app.ui_form import FormHandlers, signed_in, user_errors, whole
 from chat_app.ui_inputs import refuse
 from chat_app.service import EditService
 from chat_app.settings import export_root
 from chat_app.warmup import StatsWarmup
-from editing import EditRequest
 
 try:  # written alongside the UI; the History tab hides Export/Import until it exists
     from chat_app.transfer import export_file, import_file
@@ -44,78 +42,10 @@ COMMON_RELATIONS = [
     "{} was developed by",
 ]
 STATUS_CHOICES = ["all", "applied", "reverted", "superseded", "refused", "failed", "pending"]
-MAX_PROBES = 20  # paraphrase or neighbour lines per edit
 EXPORT_KEEP_S = 600.0  # an export file older than this is deleted (Gradio serves its own copy of it)
-# Share of the progress bar per stage of ``service.apply``: (start, end, what the user reads).
-STAGES: dict[str, tuple[float, float, str]] = {
-    "statistics": (0.02, 0.60, "Computing key statistics for this layer (once; cached afterwards)"),
-    "waiting": (0.02, 0.60, "Waiting for the key statistics being prepared in the background (once per machine)"),
-    "key": (0.60, 0.65, "Locating the subject's key"),
-    "value": (0.65, 0.95, "Optimising the new value"),
-    "update": (0.95, 0.99, "Writing the rank-one update and checking it"),
-    "done": (1.0, 1.0, "Done"),
-}
 
 
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Show the service's refusals as a readable error in the browser."""
-    try:
-        yield
-    except gr.Error:
-        raise
-    except (ValueError, PermissionError, LookupError) as err:
-        raise refuse(str(err)) from err
-
-
-def signed_in(request: gr.Request | None) -> str | None:
-    """The signed-in user's name (with --auth), recorded as the author; None: the service's own actor."""
-    name = getattr(request, "username", None)
-    return name if isinstance(name, str) and name.strip() else None
-
-
-def lines(text: str | None, what: str) -> list[str]:
-    """One prompt per non-empty line; at most ``MAX_PROBES``."""
-    found = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    if len(found) > MAX_PROBES:
-        raise refuse(f"at most {MAX_PROBES} {what} prompts, one per line; got {len(found)}")
-    return found
-
-
-def whole(value: Any, name: str) -> int:
-    if value is None or value == "":
-        raise refuse(f"{name} is empty; type a whole number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise refuse(f"{name} must be a whole number, got {value!r}") from None
-    if not number.is_integer():
-        raise refuse(f"{name} must be a whole number, got {value}")
-    return int(number)
-
-
-def number(value: Any, name: str) -> float:
-    if value is None or value == "":
-        raise refuse(f"{name} is empty; type a number")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise refuse(f"{name} must be a number, got {value!r}") from None
-
-
-def stage_progress(progress: Callable[..., Any]) -> Callable[[str, float], None]:
-    """Map the service's ``(stage, fraction)`` calls onto one monotone bar."""
-    shown = [0.0]
-
-    def report(stage: str, fraction: float) -> None:
-        start, end, desc = STAGES.get(stage, (shown[0], shown[0], stage))
-        shown[0] = max(shown[0], start + (end - start) * min(max(fraction, 0.0), 1.0))
-        progress(shown[0], desc=desc)
-
-    return report
-
-
-class Handlers:
+class Handlers(FormHandlers):
     """The form and History tabs' handlers, bound to one service shared by every browser session."""
 
     def __init__(self, service: EditService, warmup: StatsWarmup | None = None) -> None:
@@ -171,100 +101,26 @@ class Handlers:
         n = self.service.active_count
         return f"Edited model ({n} edit{'s' if n != 1 else ''})" if n else "Model (no edits)"
 
-    def refresh(self, text: str | None = None, status: str | None = None) -> tuple[str, pd.DataFrame]:
+    def refresh(self, text: str | None = None, status: str | None = None, batch: str | None = None) -> tuple[str, pd.DataFrame]:
         """Banner and history table, after any change."""
-        return self.banner(), self.history(text, status)
+        return self.banner(), self.history(text, status, batch)
 
-    def refresh_page(self, text: str | None = None, status: str | None = None) -> tuple[str, pd.DataFrame, Any]:
+    def refresh_page(self, text: str | None = None, status: str | None = None,
+                     batch: str | None = None) -> tuple[str, pd.DataFrame, Any]:  # fmt: skip
         """Banner, history table and the Chat tab's title, after any change."""
-        return (*self.refresh(text, status), gr.Chatbot(label=self.chat_label()))
+        return (*self.refresh(text, status, batch), gr.Chatbot(label=self.chat_label()))
 
     def signature(self) -> tuple[int, int, str, float | None]:
         """Changes whenever any session or instance changes the ledger, or the background statistics progress."""
         return (self.service.active_count, len(self.service.events()), self.warmup.banner() if self.warmup else "",
                 self.service.synced_at)  # fmt: skip
 
-    # ----- the form ---------------------------------------------------------------------
-    def request(self, subject: str, relation: str, target: str, layer: Any = None) -> EditRequest:
-        chosen = None if layer is None or layer == "" else whole(layer, "layer")
-        if chosen == self.service.editor.hparams.layer:
-            chosen = None  # the default layer: let the editor's hyperparameters decide
-        with user_errors():
-            request = EditRequest(subject or "", relation or "", target or "", chosen)
-            request.check_layer(self.service.editor.n_layers)
-        return request
-
-    def overrides(self, steps: Any, lr: Any, kl_factor: Any) -> dict[str, Any]:
-        """Advanced settings that differ from the model's defaults (validated by the editor)."""
-        hp = self.service.editor.hparams
-        wanted = {"steps": whole(steps, "steps"), "lr": number(lr, "learning rate"),
-                  "kl_factor": number(kl_factor, "KL factor")}  # fmt: skip
-        return {k: v for k, v in wanted.items() if v != getattr(hp, k)}
-
-    def conflicts(self, subject: str, relation: str, target: str = "") -> str:
-        """The warning shown while the user types: never raises (the fields may be half-filled)."""
-        try:
-            request = EditRequest(subject or "", relation or "", target or "_")
-        except ValueError:
-            return ""
-        return render.conflict_notice(self.service.conflicts(request), target)
-
-    def preview(self, subject: str, relation: str, target: str = "") -> tuple[str, dict[str, float], str]:
-        """The model's current completion and top next tokens for the prompt; plus any conflict."""
-        with user_errors():
-            request = EditRequest(subject or "", relation or "", target or "_")
-            completion, top = self.service.preview(request.prompt)
-        text = f"{render.code(request.prompt)} → **{render.esc(completion) or '(nothing)'}**"
-        return text, render.top_tokens(top), self.conflicts(subject, relation, target)
-
-    def apply(
-        self, subject: str, relation: str, target: str, paraphrases: str, neighbours: str,
-        layer: Any, steps: Any, lr: Any, kl_factor: Any, note: str | None = None,
-        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
-        force: bool = False,
-        request: gr.Request | None = None,  # Gradio injects it (by the annotation); not part of the API
-    ) -> tuple[str, pd.DataFrame]:  # fmt: skip
-        """Apply the form's edit; ``force``: even if its own prompt does not hold after it ("Apply anyway")."""
-        author = signed_in(request)
-        request = self.request(subject, relation, target, layer)
-        overrides = self.overrides(steps, lr, kl_factor)
-        checks = (lines(paraphrases, "paraphrase"), lines(neighbours, "neighbour"))
-        progress(0.0, desc="Checking the request and the answers before the edit")
-        t0 = time.perf_counter()
-        report = stage_progress(progress)
-        if self.warmup is not None:  # never compute the statistics twice, nor change weights under them
-            self.warmup.wait(lambda _stage, fraction: report("waiting", fraction))
-        with user_errors():
-            result = self.service.apply(
-                request, paraphrases=checks[0], neighbours=checks[1], note=(note or "").strip() or None,
-                author=author, progress=report, force=force, **overrides,
-            )  # fmt: skip
-        applied = "applied, not holding" if result.record.not_holding else "applied"
-        text = [f"**Edit #{result.edit_id} {applied}** at layer {result.record.layer}: "
-                f"{render.fact_line(request.subject, request.relation, request.target)}",
-                f"{render.checks_summary(result.probes).capitalize()} · {time.perf_counter() - t0:.1f} s"]  # fmt: skip
-        if "target_prob" in result.stats:
-            text[-1] += f" · target probability {result.stats['target_prob']:.2f}"
-        if result.superseded:
-            text.append("Superseded " + ", ".join(f"edit #{i}" for i in result.superseded)
-                        + " (same subject and relation); re-apply it from History to go back.")  # fmt: skip
-        return "\n\n".join(text), render.probes_frame(result.probes)
-
-    def apply_anyway(
-        self, subject: str, relation: str, target: str, paraphrases: str, neighbours: str,
-        layer: Any, steps: Any, lr: Any, kl_factor: Any, note: str | None = None,
-        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
-        request: gr.Request | None = None,  # Gradio injects it (by the annotation); not part of the API
-    ) -> tuple[str, pd.DataFrame]:  # fmt: skip
-        """"Apply anyway": the form's edit even if its own prompt does not hold after it."""
-        return self.apply(subject, relation, target, paraphrases, neighbours, layer, steps, lr, kl_factor, note,
-                          progress, force=True, request=request)  # fmt: skip
-
     # ----- history ----------------------------------------------------------------------
-    def history(self, text: str | None = None, status: str | None = None) -> pd.DataFrame:
+    def history(self, text: str | None = None, status: str | None = None, batch: str | None = None) -> pd.DataFrame:
         chosen = None if status in (None, "", "all") else status
         with user_errors():
-            return render.history_frame(self.service.history(status=chosen, text=(text or "").strip() or None))
+            records = self.service.history(status=chosen, text=(text or "").strip() or None, batch=batch)
+            return render.history_frame(records)
 
     def detail(self, edit_id: Any) -> str:
         if edit_id is None or edit_id == "":

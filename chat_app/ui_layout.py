@@ -76,6 +76,8 @@ def form_tab(service: EditService) -> SimpleNamespace:
                 f.preview = gr.Button("Preview", elem_id="form-preview")
                 f.apply = gr.Button("Apply edit", variant="primary", interactive=not service.read_only,
                                     elem_id="form-apply")  # fmt: skip
+                f.strengthen = gr.Button("Strengthen (carry it into the answer and the chat)", variant="secondary",
+                                         visible=False, elem_id="form-strengthen")  # fmt: skip
                 f.force = gr.Button("Apply anyway (even if its own prompt does not hold)", variant="stop",
                                     visible=False, elem_id="form-apply-anyway")  # fmt: skip
         with gr.Column(scale=2):
@@ -93,6 +95,8 @@ def history_tab(service: EditService) -> SimpleNamespace:
     with gr.Row():
         h.text = inputs.Textbox(label="Filter", placeholder="subject, relation, object, note or author", scale=4)
         h.status = inputs.Dropdown(STATUS_CHOICES, value="all", label="Status", scale=1)
+        h.batch = inputs.Textbox(value="", label="Batch (id from the batch column)", placeholder="any", max_lines=1,
+                                 scale=1, elem_id="history-batch")  # fmt: skip
         h.refresh = gr.Button("Refresh", scale=0)
     h.table = gr.Dataframe(headers=render.HISTORY_HEADERS, datatype=render.HISTORY_TYPES, interactive=False,
                            wrap=True, max_height=360, latex_delimiters=NO_LATEX, elem_id="history-table",
@@ -108,6 +112,11 @@ def history_tab(service: EditService) -> SimpleNamespace:
             with gr.Row():
                 h.revert = gr.Button("Revert", variant="stop", interactive=writable, elem_id="history-revert")
                 h.reapply = gr.Button("Re-apply", interactive=writable, elem_id="history-reapply")
+            with gr.Row():  # a fact edited in a batch: the whole batch at once
+                h.revert_batch = gr.Button("Revert its batch", variant="stop", interactive=writable, size="sm",
+                                           elem_id="history-revert-batch")  # fmt: skip
+                h.reapply_batch = gr.Button("Re-apply its batch", interactive=writable, size="sm",
+                                            elem_id="history-reapply-batch")  # fmt: skip
             h.action = gr.Markdown(elem_id="history-action")
     with gr.Accordion("Verify all applied edits", open=False):
         h.verify = gr.Button("Verify all")

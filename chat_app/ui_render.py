@@ -17,9 +17,9 @@ import pandas as pd
 from db import EditRecord, EventRecord
 
 HISTORY_HEADERS = ["id", "time (UTC)", "subject", "relation", "requested", "old → new answer", "layer", "status",
-                   "author"]
-HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "markdown", "number", "str", "markdown"]
-HISTORY_WIDTHS = ["44px", "150px", "13%", "17%", "10%", "17%", "76px", "120px", "9%"]  # no header wraps, status unclipped
+                   "author", "batch"]
+HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "markdown", "number", "str", "markdown", "str"]
+HISTORY_WIDTHS = ["44px", "150px", "12%", "15%", "9%", "15%", "76px", "120px", "8%", "150px"]  # no header wraps, status unclipped
 PROBE_HEADERS = ["check", "prompt", "expected", "before", "after", "holds"]
 PROBE_TYPES = ["str", "markdown", "markdown", "markdown", "markdown", "str"]
 VERIFY_HEADERS = ["id", "fact", "new object", "probes holding", "holds"]
@@ -87,10 +87,17 @@ def answer_change(record: EditRecord) -> str:
 def history_frame(records: Sequence[EditRecord]) -> pd.DataFrame:
     rows = [
         [r.id, when(r.created_at), esc(r.subject, CELL_CHARS), esc(r.relation, CELL_CHARS), esc(r.target, CELL_CHARS),
-         answer_change(r), r.layer, record_status(r), esc(r.author or "", CELL_CHARS)]
+         answer_change(r), r.layer, record_status(r), esc(r.author or "", CELL_CHARS), batch_label(r)]
         for r in records
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=HISTORY_HEADERS)
+
+
+def batch_label(record: EditRecord) -> str:
+    """"3f2a9c1b0d4e (2/10)": the batch a fact was edited in and its place there; empty for an edit made alone."""
+    if record.batch_id is None:
+        return ""
+    return f"{record.batch_id} ({(record.batch_index or 0) + 1}/{record.batch_size})"
 
 
 def probes_frame(probes: Sequence[Any]) -> pd.DataFrame:
@@ -124,6 +131,10 @@ def record_detail(record: EditRecord, events: Sequence[EventRecord]) -> str:
         lines.append(f"- **note** {esc(record.note)}")
     if record.superseded_by is not None:
         lines.append(f"- **superseded by** edit #{record.superseded_by}")
+    if record.batch_id is not None:
+        layers = [s.get("layer") for s in record.meta.get("shares") or [] if isinstance(s, dict)]
+        lines.append(f"- **batch** {code(record.batch_id)}, fact {(record.batch_index or 0) + 1} of {record.batch_size}"
+                     + (f" (MEMIT at layers {', '.join(map(str, layers))})" if layers else ""))  # fmt: skip
     if record.refusal_reason:
         lines.append(f"- **refused / failed because** {esc(record.refusal_reason)}")
     stats = record.meta.get("stats") or {}
@@ -160,7 +171,20 @@ def checks_summary(probes: Sequence[Any]) -> str:
             parts.append(f"{label} {sum(p.holds for p in chosen)}/{len(chosen)} {verb}")
     if len(parts) == 1:
         parts.append("no paraphrases or neighbours were checked")
+    chat = [p for p in probes if p.kind == "chat" and p.after]
+    if chat:
+        parts.append(f"the chat reply {'names the new object ✓' if chat[0].holds else 'does not name it yet ✗'}")
     return "; ".join(parts)
+
+
+def shows_in_answers(probes: Sequence[Any]) -> bool:
+    """The edit shows where users look: the edited prompt's greedy answer and the chat reply (when asked)."""
+    return all(p.holds for p in probes if p.kind == "edited" or (p.kind == "chat" and p.after))
+
+
+STRENGTHEN_ADVICE = ("It does not show in every answer yet. **Strengthen** recomputes it so that the prompt as typed "
+                     "and the chat question get the whole change, optimising until the greedy answer is the new "
+                     "object; it is recorded as a new edit that supersedes this one (History keeps both).")
 
 
 def verify_frame(items: Sequence[Any]) -> pd.DataFrame:

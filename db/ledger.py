@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import durability
+from db.batches import LedgerBatches
 from db.engine import READ_ONLY, create_ledger_engine, creating, describe, sqlite_file, to_url
 from db.postgres import serialise_writers
 from db.queries import LedgerReads, load_edit, normalise
@@ -38,7 +39,7 @@ def _short(fingerprint: str) -> str:
     return fingerprint[:12]
 
 
-class Ledger(LedgerReads, durability.LedgerFiles):
+class Ledger(LedgerBatches, LedgerReads, durability.LedgerFiles):
     """An edit ledger in any SQLAlchemy database. Every public method is one transaction."""
 
     def __init__(self, url: str | URL | Path) -> None:

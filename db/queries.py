@@ -71,12 +71,14 @@ class LedgerReads:
         """Edits recorded but not yet resolved (after a crash: to repair at start-up)."""
         return self._list(select(Edit).where(Edit.status == "pending").order_by(Edit.id))
 
-    def history(self, status: str | None = None, text: str | None = None) -> list[EditRecord]:
-        """All edits, newest first; optionally of one status and matching a case-insensitive text.
+    def history(self, status: str | None = None, text: str | None = None, batch: str | None = None) -> list[EditRecord]:
+        """All edits, newest first; optionally of one status, of one batch and matching a case-insensitive text.
 
         The text is looked for in the subject, relation, target, note and author.
         """
         query = select(Edit).order_by(Edit.id.desc())
+        if batch is not None and batch.strip():
+            query = query.where(Edit.batch_id == batch.strip())
         if status is not None:
             if status not in STATUSES:
                 raise LedgerError(f"unknown status {status!r}; use one of {', '.join(STATUSES)}")

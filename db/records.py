@@ -55,6 +55,9 @@ class EditRecord:
     note: str | None
     author: str | None
     refusal_reason: str | None
+    batch_id: str | None = None  # the MEMIT batch this fact was edited in (None: edited alone)
+    batch_index: int | None = None  # its place in the batch, from 0
+    batch_size: int | None = None
 
     @property
     def prompt(self) -> str:
@@ -100,6 +103,7 @@ def edit_record(row: Edit) -> EditRecord:
         state_checksum=row.state_checksum, probes=tuple(row.probes_json),
         superseded_by=row.superseded_by, position=row.position, note=row.note,
         author=row.author, refusal_reason=row.refusal_reason,
+        batch_id=row.batch_id, batch_index=row.batch_index, batch_size=row.batch_size,
     )
 
 
@@ -151,6 +155,7 @@ def validate_meta(meta: object, factors: bytes | None) -> dict[str, Any]:
             check_hex64(meta[key], f"meta[{key!r}]")
     if factors is not None:
         _validate_factors(meta, factors)
+    batch_fields(meta)
     try:
         return json.loads(dumps(meta))
     except (TypeError, ValueError, RecursionError) as err:
@@ -162,7 +167,8 @@ def _validate_factors(meta: dict[str, Any], factors: bytes) -> None:
         raise LedgerError(f"factors must be bytes, got {type(factors).__name__}")
     if not isinstance(meta["stats"], dict):
         raise LedgerError("meta['stats'] must be a JSON object (dict)")
-    n_elements = _check_shape(meta["value_shape"], "value_shape") + _check_shape(meta["key_shape"], "key_shape")
+    n_elements = sum(_check_shape(part["value_shape"], "value_shape") + _check_shape(part["key_shape"], "key_shape")
+                     for part in factor_parts(meta))
     dtype = meta["dtype"]
     if not isinstance(dtype, str):
         raise LedgerError(f"meta['dtype'] must be text, got {dtype!r:.80}")
@@ -174,6 +180,42 @@ def _validate_factors(meta: dict[str, Any], factors: bytes) -> None:
     stated = meta.get("factors_sha256")
     if stated is not None and stated != sha256_hex(bytes(factors)):
         raise LedgerError("factors do not match meta['factors_sha256']; the payload is corrupt")
+
+
+def factor_parts(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The parts the factor bytes hold, in order: ``meta['shares']`` for a fact with shares at several layers, else ``[meta]``.
+
+    Each part names its ``param_name``, ``layer``, ``value_shape`` and ``key_shape``.
+    """
+    shares = meta.get("shares")
+    if shares is None:
+        return [meta]
+    if not isinstance(shares, list) or not shares or not all(isinstance(p, dict) for p in shares):
+        raise LedgerError("meta['shares'] must be a non-empty list of objects")
+    for i, part in enumerate(shares):
+        missing = [k for k in ("param_name", "layer", "value_shape", "key_shape") if k not in part]
+        if missing:
+            raise LedgerError(f"meta['shares'][{i}] lacks {', '.join(missing)}")
+        if not isinstance(part["param_name"], str) or not part["param_name"].strip():
+            raise LedgerError(f"meta['shares'][{i}]['param_name'] must be non-empty text")
+    return shares
+
+
+def batch_fields(meta: dict[str, Any]) -> tuple[str | None, int | None, int | None]:
+    """``(batch_id, index, size)`` from ``meta['stats']['batch']`` (a fact of a MEMIT batch), else Nones."""
+    stats = meta.get("stats")
+    batch = stats.get("batch") if isinstance(stats, dict) else None
+    if batch is None:
+        return None, None, None
+    ok = isinstance(batch, dict) and isinstance(batch.get("id"), str) and 0 < len(batch["id"]) <= 32
+    index, size = batch.get("fact") if ok else None, batch.get("size") if ok else None
+    if not (ok and _count(index) and _count(size) and index < size):
+        raise LedgerError(f"meta['stats']['batch'] must be {{id: text of 1 to 32 characters, fact, size}}, got {batch!r:.120}")
+    return batch["id"], index, size
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def validate_probes(probes: object) -> list[dict[str, Any]]:

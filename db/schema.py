@@ -103,6 +103,10 @@ class Edit(Base):
     note: Mapped[str | None] = mapped_column(Text)
     author: Mapped[str | None] = mapped_column(String(256))
     refusal_reason: Mapped[str | None] = mapped_column(Text)  # why refused, or why it failed
+    # A fact edited in a MEMIT batch: the batch, the fact's place in it, and how many facts it had (else NULL).
+    batch_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    batch_index: Mapped[int | None] = mapped_column(Integer)
+    batch_size: Mapped[int | None] = mapped_column(Integer)
 
 
 class Event(Base):

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.records import sha256_hex
+from db.records import batch_fields, factor_parts, sha256_hex
 from db.schema import Edit, Event, MetaEntry
 
 
@@ -31,17 +31,19 @@ def next_position(s: Session) -> int:
 def leave_sequence(s: Session, row: Edit) -> None:
     """Take ``row`` out of the sequence; later edits move up one place.
 
-    The state checksums of later edits of the same parameter are cleared: that parameter's
-    state after each of them changes, and the service stores the new ones after its rebuild
-    (``set_state_checksums``). Later edits of other parameters keep theirs: their states do not change.
+    The state checksums of later edits of the parameters it changes (a batch fact may change
+    several) are cleared: those parameters' states after each of them change, and the service
+    stores the new ones after its rebuild (``set_state_checksums``). Later edits of other
+    parameters keep theirs: their states do not change.
     """
     lock_sequence(s)
     removed, row.position, row.state_checksum = row.position, None, None
     s.flush()
     if removed is not None:
         later = Edit.position > removed
+        names = {row.param_name} | {str(p["param_name"]) for p in factor_parts(row.meta_json)}
         s.execute(
-            update(Edit).where(later, Edit.param_name == row.param_name).values(state_checksum=None)
+            update(Edit).where(later, Edit.param_name.in_(names)).values(state_checksum=None)
             .execution_options(synchronize_session="fetch")
         )
         s.execute(
@@ -60,8 +62,10 @@ def new_row(
     meta: dict[str, Any], factors: bytes | None, status: str, probes: list[dict[str, Any]],
     note: str | None, author: str | None,
 ) -> Edit:
-    """An edit row from validated meta (see ``validate_meta``)."""
+    """An edit row from validated meta (see ``validate_meta``); a batch fact's batch columns come from its meta."""
+    batch_id, batch_index, batch_size = batch_fields(meta)
     return Edit(
+        batch_id=batch_id, batch_index=batch_index, batch_size=batch_size,
         status=status, subject=meta["subject"], relation=meta["relation"], target=meta["target"],
         layer=meta["layer"], param_name=meta["param_name"], factors=factors,
         factors_sha256=None if factors is None else sha256_hex(factors),

@@ -15,6 +15,7 @@ from editing.edit import RankOneEdit
 from editing.fingerprint import identify_model, tensor_checksum
 from editing.memit import BatchEdit, compute_batch
 from editing.hparams import RomeHyperParams, default_hparams
+from editing.placement import layer_weight
 from editing.projection import Projection, null_space_projection, projected_key_dir, recover_key, stack_keys
 from editing.request import EditRequest
 from editing.weights import EditedWeights
@@ -76,6 +77,7 @@ class RomeEditor(EditedWeights):
             hp = hp.replace(layer=request.layer)
         if not 0 <= hp.layer < self.n_layers:
             raise ValueError(f"layer {hp.layer} is out of range; this model has layers 0 to {self.n_layers - 1}")
+        layer_weight(self.model, hp.layer)  # refuses a layer the device map offloaded
         return hp
 
     def context_templates(self, hp: RomeHyperParams | None = None) -> list[str]:
@@ -98,13 +100,13 @@ class RomeEditor(EditedWeights):
     def cov(self, layer: int, n_samples: int | None = None, progress: Progress | None = None) -> torch.Tensor:
         """C = E[k kᵀ] at ``layer`` of the unedited model (float64, CPU)."""
         n = n_samples or self.hparams.stats_samples
-        if (layer, n) not in self._covs:
-            with self.original_weights():
-                self._covs[(layer, n)] = second_moment(
-                    self.model, self.tok, self.fingerprint, layer, n,
-                    self.hparams.stats_max_tokens, self.corpus, progress,
-                )  # fmt: skip
-        return self._covs[(layer, n)]
+        key = (layer, n)  # one statistics precision per editor: the hparams it was made with
+        if key not in self._covs:
+            self._covs[key] = second_moment(
+                self.model, self.tok, self.fingerprint, layer, n, self.hparams.stats_max_tokens, self.corpus,
+                progress, precision=self.hparams.stats_precision, weights=dict(self._baseline),
+            )  # fmt: skip
+        return self._covs[key]
 
     def _cov_lu(self, layer: int, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """LU factors of ``cov(layer, n_samples)``, cached for as long as that matrix is the one in use."""
@@ -250,6 +252,8 @@ class RomeEditor(EditedWeights):
         layers = hp.batch_layers or tuple(range(max(0, hp.layer - 4), hp.layer + 1))
         if any(not 0 <= x < self.n_layers for x in layers) or list(layers) != sorted(set(layers)):
             raise ValueError(f"batch_layers must be distinct, ascending layers from 0 to {self.n_layers - 1}; got {layers}")
+        for layer in layers:
+            layer_weight(self.model, layer)  # refuses a layer the device map offloaded
         return tuple(layers)
 
     def param_name(self, layer: int) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import weakref
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from editing.loading import cache_dir
+from editing.placement import materialised
 
 log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -54,7 +56,7 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256(str(getattr(model.config, "model_type", "")).encode())
     for name, param in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor_checksum(param).encode())
+        digest.update(tensor_checksum(materialised(model, name, param)).encode())
     return digest.hexdigest()
 
 
@@ -69,7 +71,7 @@ def _sample_digest(model: nn.Module) -> str:
     """Names, shapes, dtypes and a strided sample of every parameter: catches a model changed in memory after loading."""
     digest = hashlib.sha256()
     for name, param in sorted(model.state_dict().items()):
-        flat = param.detach().reshape(-1)
+        flat = materialised(model, name, param).detach().reshape(-1)
         picked = flat[:: max(1, flat.numel() // SAMPLE)][:SAMPLE].to("cpu").contiguous()
         digest.update(f"{name}|{param.dtype}|{tuple(param.shape)}|".encode())
         if picked.numel():
@@ -106,7 +108,7 @@ def identify_model(model: nn.Module) -> str:
     value = model_fingerprint(model)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp{os.getpid()}")  # instances sharing the cache may write it at once
         tmp.write_text(json.dumps({"fingerprint": value, "model": str(getattr(model, "name_or_path", ""))}))
         tmp.replace(path)
     return value

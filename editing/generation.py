@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from editing.placement import input_device
+
 # Chat default (1 = off): edited replies looped in 16.7 % of cases at 1.0, none at 1.2 (README).
 REPETITION_PENALTY = 1.2
 CHAT_MAX_NEW_TOKENS = 128  # the chat tab's default reply length
@@ -67,7 +69,7 @@ def chat_replies(
     """One single-turn reply per question (the model's default system prompt), generated as one left-padded batch."""
     if not questions:
         return []
-    device = next(model.parameters()).device
+    device = input_device(model)
     texts = [chat_text(tok, [{"role": "user", "content": q}]) for q in questions]
     enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
     out = model.generate(**enc, **generation_kwargs(settings, tok))
@@ -88,7 +90,7 @@ def greedy_completions(
     """Greedy continuation of each prompt (no penalty), cut at the first line break or sentence end."""
     if not prompts:
         return []
-    device = next(model.parameters()).device
+    device = input_device(model)
     enc = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
     out = model.generate(
         **enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from editing.arch import n_layers
+from editing.defaults import PRECISIONS
 
 
 KL_DIRECTIONS = ("original||edited", "edited||original")
@@ -31,6 +32,7 @@ class RomeHyperParams:
     value_templates: int = 21  # how many of the context prompts the value optimisation uses
     stats_samples: int = 1000  # corpus texts for C = E[k k^T] (measured: README)
     stats_max_tokens: int = 256  # each text is truncated to this many tokens
+    stats_precision: str = "auto"  # the statistics' forward pass: "auto" (bfloat16 where the CPU has it), "float32", "bfloat16"
     seed: int = 0  # seeds template generation
     # Edits computed for chat (editing/chat_rows.py, editing/value_stop.py; measured: notes/README-chat.md)
     chat_values: int = 0  # chat-wrapped value prompts added (question in the user turn, answer in the assistant's)
@@ -65,6 +67,7 @@ class RomeHyperParams:
             (self.kl_prompt.count("{}") == 1, "kl_prompt must contain exactly one {}"),
             (1 <= self.value_templates <= 1 + sum(n for _, n in self.templates), "value_templates out of range"),
             (1 <= self.stats_samples <= 10_000_000, "stats_samples must be positive"),
+            (self.stats_precision in PRECISIONS, f"stats_precision must be one of {', '.join(PRECISIONS)}"),
             (self.layer >= 0, "layer must be non-negative"),
             (0 <= self.chat_values <= 8, "chat_values must be between 0 and 8"),
             (0 <= self.chat_keys <= 8, "chat_keys must be between 0 and 8"),

@@ -27,14 +27,17 @@ def run_from(
     """Final-normed hidden states after blocks ``layer…`` applied to ``hidden`` (B, S, d), the input of block ``layer``."""
     spec = arch_of(model)
     base = model.base_model
+    # The mask and rotary embeddings are built where the model's own forward builds them (beside the
+    # token ids); under a device map each block's hook then moves them to that block's device.
+    at_input = hidden.to(attention_mask.device)
     mask = create_causal_mask(
         config=base.config,
-        inputs_embeds=hidden,
+        inputs_embeds=at_input,
         attention_mask=attention_mask,
         past_key_values=cache,
         position_ids=position_ids,
     )
-    position_embeddings = base.rotary_emb(hidden, position_ids=position_ids)
+    position_embeddings = base.rotary_emb(at_input, position_ids=position_ids)
     for block in get_module(model, spec.layers)[layer:]:
         hidden = block(
             hidden,

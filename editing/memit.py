@@ -25,6 +25,7 @@ import torch
 from editing.arch import layer_name
 from editing.edit import RankOneEdit
 from editing.nethook import StopForward, capture_input, edit_output, run_until
+from editing.placement import input_device
 from editing.rome import Progress, pad_batch
 from editing.rows import Row
 
@@ -58,8 +59,7 @@ class BatchEdit:
 @torch.no_grad()
 def hidden_after(model: torch.nn.Module, layer: int, rows: Sequence[Row], pad_id: int) -> torch.Tensor:
     """The residual stream after block ``layer`` at each row's ``lookup``, averaged over rows. (d,) float32."""
-    device = next(model.parameters()).device
-    ids, mask = pad_batch([r.input_ids for r in rows], pad_id, device)
+    ids, mask = pad_batch([r.input_ids for r in rows], pad_id, input_device(model))
     box: dict[str, torch.Tensor] = {}
 
     def record(out: torch.Tensor) -> None:
@@ -67,8 +67,9 @@ def hidden_after(model: torch.nn.Module, layer: int, rows: Sequence[Row], pad_id
 
     with edit_output(model, layer_name(model, layer), record):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
-    lookups = torch.tensor([r.lookup for r in rows], device=device)
-    return box["out"][torch.arange(len(rows), device=device), lookups].float().mean(0)
+    out = box["out"]  # (B, T, d) on block ``layer``'s device
+    lookups = torch.tensor([r.lookup for r in rows], device=out.device)
+    return out[torch.arange(len(rows), device=out.device), lookups].float().mean(0)
 
 
 @torch.no_grad()
@@ -78,13 +79,13 @@ def keys_and_hidden(
     """``(K, H)``: each fact's key k* at ``layer`` (d_in, n) and residual after block ``last`` (d, n) at its
     subject's last token, averaged over the fact's rows (``compute_key`` and ``hidden_after`` for every fact),
     ``group`` facts' rows to a forward pass that stops after block ``last``. float32, CPU."""
-    device = next(model.parameters()).device
     keys, hidden = [], []
     for start in range(0, len(key_rows), group):
         part = key_rows[start : start + group]
         rows = [r for fact in part for r in fact]
-        fact_of_row = torch.tensor([i for i, fact in enumerate(part) for _ in fact], device=device)
-        ids, mask = pad_batch([r.input_ids for r in rows], pad_id, device)
+        fact_of_row = torch.tensor([i for i, fact in enumerate(part) for _ in fact])
+        lookups = torch.tensor([r.lookup for r in rows])
+        ids, mask = pad_batch([r.input_ids for r in rows], pad_id, input_device(model))
         box: dict[str, torch.Tensor] = {}
 
         def record(out: torch.Tensor) -> None:
@@ -94,11 +95,10 @@ def keys_and_hidden(
         with capture_input(model, layer_name(model, layer, "mlp_out")) as key_box, \
                 edit_output(model, layer_name(model, last), record):  # fmt: skip
             run_until(model, input_ids=ids, attention_mask=mask, use_cache=False)
-        at = (torch.arange(len(rows), device=device), torch.tensor([r.lookup for r in rows], device=device))
         counts = torch.bincount(fact_of_row, minlength=len(part)).float()[:, None]  # (f, 1)
-        for out, found in ((keys, key_box["input"]), (hidden, box["out"])):
-            picked = found[at].float()  # (rows, d)
-            out.append((torch.zeros(len(part), picked.shape[1], device=device).index_add(0, fact_of_row, picked) / counts).cpu())
+        for out, found in ((keys, key_box["input"]), (hidden, box["out"])):  # each on its block's device
+            picked = found[torch.arange(len(rows), device=found.device), lookups.to(found.device)].float().cpu()
+            out.append(torch.zeros(len(part), picked.shape[1]).index_add(0, fact_of_row, picked) / counts)  # (f, d)
     return torch.cat(keys).T, torch.cat(hidden).T
 
 
@@ -151,11 +151,9 @@ def compute_batch(
     t0 = time.perf_counter()
     key_rows = [r[0] for r in rows]
     keys, hidden = keys_and_hidden(model, last, last, key_rows, pad)
-    device = next(model.parameters()).device
     results = optimise_values(
-        model, hp.replace(layer=last), keys.T.to(device), [(values, kl) for _, values, kl in rows], pad, editor.method,
-        progress,
-    )  # fmt: skip
+        model, hp.replace(layer=last), keys.T, [(values, kl) for _, values, kl in rows], pad, editor.method, progress
+    )
     # z_i: the residual after the last layer that says the target. (d, n)
     z = hidden + torch.stack([v.delta.cpu() for v in results], 1)
     value_s = time.perf_counter() - t0

@@ -85,7 +85,8 @@ def run_until(model: nn.Module, **inputs: Any) -> None:
 def replace_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
     """Run the modules owning ``weights`` (parameter name -> tensor) with those weights instead.
 
-    The parameters themselves are untouched; only this thread's forward passes see the swap.
+    The parameters themselves are untouched; only this thread's forward passes see the swap. Each
+    replacement computes on its own tensor's device and hands its output on where the module's went.
     """
     owner = threading.get_ident()
     handles = []
@@ -94,7 +95,9 @@ def replace_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Itera
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             if threading.get_ident() != owner:
                 return None
-            return _replace_first(output, functional_linear(module, args[0], weight))
+            # Under a device map the hook sees the input before accelerate moved it to the module's device.
+            out = functional_linear(module, args[0].to(weight.device), weight)
+            return _replace_first(output, out.to(_first(output).device))
 
         return hook
 

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 
 from editing.arch import get_module, layer_name
 from editing.nethook import capture_input, run_until
+from editing.placement import input_device, layer_weight
 from editing.rows import Row
 
 Progress = Callable[[str, float], None]
@@ -29,24 +30,34 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     return ids, mask
 
 
+def add_at(out: torch.Tensor, lookups: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``out`` (B, T, d) with ``delta`` (d,) added at each row's ``lookups`` position, on ``out``'s device and dtype."""
+    lookups = lookups.to(out.device)
+    arange = torch.arange(len(lookups), device=out.device)
+    out = out.clone()
+    out[arange, lookups] = out[arange, lookups] + delta.to(out.device, out.dtype)
+    return out
+
+
 @torch.no_grad()
 def compute_key(model: PreTrainedModel, layer: int, rows: Sequence[Row], pad_id: int) -> torch.Tensor:
-    """k*: the rewritten projection's input at the subject's last token, averaged over rows. (d_in,) float32."""
-    device = next(model.parameters()).device
-    ids, mask = pad_batch([r.input_ids for r in rows], pad_id, device)
+    """k*: the rewritten projection's input at the subject's last token, averaged over rows. (d_in,) float32, on the layer's device."""
+    weight = layer_weight(model, layer)
+    ids, mask = pad_batch([r.input_ids for r in rows], pad_id, input_device(model))
     with capture_input(model, layer_name(model, layer, "mlp_out"), stop=True) as box:
         run_until(model, input_ids=ids, attention_mask=mask, use_cache=False)
-    lookups = torch.tensor([r.lookup for r in rows], device=device)
-    keys = box["input"][torch.arange(len(rows), device=device), lookups]  # (B, d_in)
-    return keys.float().mean(0)
+    hidden = box["input"]  # (B, T, d_in), wherever the block before left it (a pre-hook runs before accelerate moves it)
+    lookups = torch.tensor([r.lookup for r in rows], device=hidden.device)
+    keys = hidden[torch.arange(len(rows), device=hidden.device), lookups]  # (B, d_in)
+    return keys.float().mean(0).to(weight.device)
 
 
 @torch.no_grad()
 def value_at(model: PreTrainedModel, layer: int, key: torch.Tensor) -> torch.Tensor:
-    """The projection's output for ``key`` (bias included). (d_out,) float32."""
+    """The projection's output for ``key`` (bias included). (d_out,) float32, on the layer's device."""
     module = get_module(model, layer_name(model, layer, "mlp_out"))
-    weight = module.weight
-    return module(key.to(weight.dtype).unsqueeze(0))[0].float()
+    weight = layer_weight(model, layer)
+    return module(key.to(weight.device, weight.dtype).unsqueeze(0))[0].float().to(weight.device)
 
 
 def factor_cov(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

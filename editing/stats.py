@@ -1,8 +1,10 @@
 """Second-moment statistics C = E[k k^T] of the rewritten projection's input.
 
-Accumulated in float64 over the real (unpadded, non-special) tokens of a seeded random sample
-of the corpus, running the model only up to the layer needed, cached on disk per (model
-fingerprint, layer, sample count, corpus, seed, sampling version).
+Accumulated over the real (unpadded, non-special) tokens of a seeded random sample of the
+corpus, running the model only up to the layer needed: each batch's k kᵀ sum in float32, the
+running total in float64. The forward pass runs in float32 or with bfloat16 matrix products
+(``editing.precision``; the README compares the two). Cached on disk per (model fingerprint,
+layer, sample count, corpus, seed, sampling version, precision).
 """
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -20,6 +23,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from editing.arch import layer_name
 from editing.loading import cache_dir
 from editing.nethook import capture_input, run_until
+from editing.placement import input_device
+from editing.precision import arithmetic, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -92,29 +97,38 @@ def accumulate_keys(
     max_tokens: int = 256,
     batch_size: int = 16,
     progress: Progress | None = None,
+    precision: str = "float32",
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, int]:
     """``(Σ k kᵀ, n_tokens)`` in float64 over the real, non-special tokens of ``texts``.
 
     Right padding keeps every text at the absolute positions it has alone; padded positions and
     the tokenizer's own special tokens (BOS and the like, whose keys are no fact's key) are left out.
+    ``weights`` (parameter name -> tensor) are used in place of the model's own (the unedited ones).
+    A batch's sum (at most ``batch_size × max_tokens`` terms) is taken in float32, several times
+    faster than float64 here; the totals across batches are float64.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     name = layer_name(model, layer, "mlp_out")
     total: torch.Tensor | None = None
     count = 0
     texts = sorted(texts, key=len)  # similar lengths in a batch keep padding (wasted work) small
-    for done, batch in enumerate(_batches(texts, batch_size)):
-        enc = tok(batch, return_tensors="pt", padding=True, padding_side="right", truncation=True,
-                  max_length=max_tokens, return_special_tokens_mask=True)  # fmt: skip
-        keep = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()  # (B, T)
-        with capture_input(model, name, stop=True) as box:
-            run_until(model, input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                      use_cache=False)  # fmt: skip
-        keys = box["input"][keep.to(device)].double()  # (tokens, d_in)
-        total = keys.T @ keys if total is None else total.addmm_(keys.T, keys)
-        count += keys.shape[0]
-        if progress is not None:
-            progress("statistics", min(1.0, (done + 1) * batch_size / len(texts)))
+    with arithmetic(model, resolve_precision(precision, model), weights) as runner:
+        for done, batch in enumerate(_batches(texts, batch_size)):
+            enc = tok(batch, return_tensors="pt", padding=True, padding_side="right", truncation=True,
+                      max_length=max_tokens, return_special_tokens_mask=True)  # fmt: skip
+            keep = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()  # (B, T)
+            with capture_input(runner, name, stop=True) as box:
+                run_until(runner, input_ids=enc["input_ids"].to(device),
+                          attention_mask=enc["attention_mask"].to(device), use_cache=False)  # fmt: skip
+            hidden = box["input"]  # (B, T, d_in), on the device of the block before (a pre-hook sees it unmoved)
+            keys = hidden[keep.to(hidden.device)].float()  # (tokens, d_in)
+            with torch.autocast(hidden.device.type, enabled=False):
+                gram = (keys.T @ keys).double()
+            total = gram if total is None else total.add_(gram)
+            count += keys.shape[0]
+            if progress is not None:
+                progress("statistics", min(1.0, (done + 1) * batch_size / len(texts)))
     return total, count
 
 
@@ -126,9 +140,10 @@ def compute_second_moment(
     max_tokens: int = 256,
     batch_size: int = 16,
     progress: Progress | None = None,
+    precision: str = "float32",
 ) -> tuple[torch.Tensor, int]:
     """Return ``(C, n_tokens)``: the float64 mean of ``k k^T`` over the real tokens of ``texts`` (see ``accumulate_keys``)."""
-    total, count = accumulate_keys(model, tok, layer, texts, max_tokens, batch_size, progress)
+    total, count = accumulate_keys(model, tok, layer, texts, max_tokens, batch_size, progress, precision)
     if total is None or count == 0:
         raise ValueError("the corpus has no usable text")
     return (total / count).cpu(), count
@@ -144,6 +159,8 @@ def second_moment(
     corpus: Path | None = None,
     progress: Progress | None = None,
     seed: int = SAMPLE_SEED,
+    precision: str = "float32",
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """C for ``layer`` (float64, CPU), from the cache or computed over a seeded random sample of ``n_samples`` texts.
 
@@ -151,21 +168,25 @@ def second_moment(
     same permutation are read; a corpus too small for that raises ``ValueError``. A corrupted cache
     file is reported and rebuilt.
     """
-    name = f"{fingerprint[:16]}-L{layer}-n{n_samples}-t{max_tokens}-{corpus_id(corpus)}-s{seed}-v{SAMPLING_VERSION}.pt"
-    path = cache_dir() / "stats" / name
+    precision = resolve_precision(precision, model)
+    tag = "" if precision == "float32" else "-bf16"  # float32 keeps the names of caches computed before the choice
+    name = f"{fingerprint[:16]}-L{layer}-n{n_samples}-t{max_tokens}-{corpus_id(corpus)}-s{seed}-v{SAMPLING_VERSION}"
+    path = cache_dir() / "stats" / f"{name}{tag}.pt"
     cov = _load_cached(path)
     if cov is not None:
         return cov
     texts = shuffled(read_corpus(corpus), seed)
     log.info("computing statistics at layer %d over %d texts", layer, min(n_samples, len(texts)))
-    total, count = accumulate_keys(model, tok, layer, texts[:n_samples], max_tokens, progress=progress)
+    total, count = accumulate_keys(model, tok, layer, texts[:n_samples], max_tokens, progress=progress,
+                                   precision=precision, weights=weights)
     if total is None or count == 0:
         raise ValueError("the corpus has no usable text")
     need, used = MIN_TOKENS_PER_DIM * total.shape[0], min(n_samples, len(texts))
     while count < need and used < len(texts):
         more = texts[used : used + max(n_samples, 1)]
         log.info("%d tokens for %d key dimensions; reading %d more texts", count, total.shape[0], len(more))
-        extra, n = accumulate_keys(model, tok, layer, more, max_tokens, progress=progress)
+        extra, n = accumulate_keys(model, tok, layer, more, max_tokens, progress=progress, precision=precision,
+                                   weights=weights)
         if extra is not None:
             total, count = total + extra, count + n
         used += len(more)
@@ -176,7 +197,7 @@ def second_moment(
         )
     cov = (total / count).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # instances sharing the cache may write it at once
     torch.save({"cov": cov, "n_tokens": count, "n_texts": used, "seed": seed}, tmp)
     tmp.replace(path)
     return cov

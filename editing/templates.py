@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.loading import cache_dir
+from editing.placement import input_device, model_devices
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +31,10 @@ def generate_templates(
     seed: int,
 ) -> list[str]:
     """``["{}"]`` plus, per ``(tokens, count)``, ``count`` sampled prefixes of that length, each ``"<text>. {}"``."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     templates = ["{}"]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    gpus = [d for d in model_devices(model) if d.type == "cuda"]  # every GPU the model samples on
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(seed)
         for length, count in lengths:
             openings = [OPENINGS[i % len(OPENINGS)] for i in range(count)]
@@ -71,7 +74,7 @@ def context_templates(
         log.warning("ignoring unreadable template cache %s", path)
     templates = generate_templates(model, tok, lengths, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # instances sharing the cache may write it at once
     tmp.write_text(json.dumps(templates, ensure_ascii=False, indent=1))
     tmp.replace(path)
     return templates

@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from editing.hparams import RomeHyperParams
+from editing.placement import layer_weight
 from editing.rome import Progress, ValueResult, value_at
 from editing.rows import Row
 from editing.value_forward import build_forward, target_index
@@ -52,7 +53,8 @@ def optimise_value(
     may allow extra steps.
     """
     batched = build_forward(method, model, hp.layer, [(rows, kl)], pad_id)
-    device = key.device
+    device = layer_weight(model, hp.layer).device  # delta, its optimiser state and the loss live with the edited layer
+    key = key.to(device)
     only = torch.zeros(1, dtype=torch.long, device=device)
     v0_norm = float(value_at(model, hp.layer, key).norm())
     max_norm = hp.clamp_factor * v0_norm

@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from editing.hparams import RomeHyperParams
+from editing.placement import layer_weight
 from editing.rome import Progress, ValueResult, value_at
 from editing.value import kl_term, norm_term
 from editing.value_forward import Fact, Forward, Layout, build_forward
@@ -80,7 +81,8 @@ def _optimise_group(
     first: int,
 ) -> list[ValueResult]:
     """One loop over ``facts``: Adam on δ (F, d), each fact clamped, stopped and frozen on its own."""
-    device = keys.device
+    device = layer_weight(model, hp.layer).device  # δ, its optimiser state and the loss live with the edited layer
+    keys = keys.to(device)
     lay = Layout.of(facts, device)
     v0 = torch.stack([value_at(model, hp.layer, k) for k in keys])  # (F, d)
     v0_norms = [float(x) for x in v0.norm(dim=1)]

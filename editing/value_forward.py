@@ -15,7 +15,9 @@ Three strategies, the same numbers to float tolerance:
   the edited layer run once instead of every step.
 
 Padding is on the right everywhere: causal attention keeps every real token blind to the pads after
-it, and the pads inside the cached prefix are masked for the suffix tokens that follow them.
+it, and the pads inside the cached prefix are masked for the suffix tokens that follow them. Under a
+device map (``editing.placement``) token ids go to the input embeddings' device, every index is moved
+to the tensor it indexes, and the returned log-probs are on ``delta``'s device.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from transformers import DynamicCache, PreTrainedModel
 from editing.arch import layer_name
 from editing.layers import can_start_midway, run_from
 from editing.nethook import capture_input, edit_output, run_until
+from editing.placement import input_device
 from editing.rome import pad_batch
 from editing.rows import Row
 
@@ -80,6 +83,15 @@ class Layout:
         return rows, local[self.row_of[targets]], targets, local[self.kl_rows[active]]
 
 
+def _take(x: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+    """``x[rows]`` along the batch, with the index on ``x``'s device (a slice: every row, no copy)."""
+    return x[rows] if isinstance(rows, slice) else x[rows.to(x.device)]
+
+
+def _at(x: torch.Tensor, *index: torch.Tensor) -> torch.Tensor:
+    return x[tuple(i.to(x.device) for i in index)]
+
+
 def _unembed(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     logits = model.get_output_embeddings()(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -87,26 +99,27 @@ def _unembed(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def plain_forward(model: PreTrainedModel, layer: int, facts: Sequence[Fact], pad_id: int) -> Forward:
-    device = next(model.parameters()).device
-    lay = Layout.of(facts, device)
-    ids, mask = pad_batch([r.input_ids for r in lay.rows], pad_id, device)  # (B, T)
-    lookups = torch.tensor([r.lookup for r in lay.rows], device=device)
-    kl_pos = torch.tensor([kl.target_positions[0] for _, kl in facts], device=device)
+    lay = Layout.of(facts, torch.device("cpu"))  # indices; each moved to the tensor it indexes
+    ids, mask = pad_batch([r.input_ids for r in lay.rows], pad_id, input_device(model))  # (B, T)
+    lookups = torch.tensor([r.lookup for r in lay.rows])
+    kl_pos = torch.tensor([kl.target_positions[0] for _, kl in facts])
 
     def forward(delta: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        active = active.cpu()
         rows, t_rows, targets, k_rows = lay.select(active)
-        at = (torch.arange(len(rows), device=device), lookups[rows])
-        shift = delta[lay.fact_of_row[rows]]  # (b, d)
+        shift = _take(delta, lay.fact_of_row[rows])  # (b, d)
 
         def add_delta(out: torch.Tensor) -> torch.Tensor:
+            at = (torch.arange(len(rows), device=out.device), lookups[rows].to(out.device))
             out = out.clone()
-            out[at] = out[at] + shift.to(out.dtype)
+            out[at] = out[at] + shift.to(out.device, out.dtype)
             return out
 
         with edit_output(model, layer_name(model, layer, "mlp_out"), add_delta):
-            logits = model(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (b, T, V)
-        return logp[t_rows, lay.pos[targets], lay.ids[targets]], logp[k_rows, kl_pos[active]]
+            logits = model(input_ids=_take(ids, rows), attention_mask=_take(mask, rows), use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (b, T, V), on the unembedding's device
+        picked = _at(logp, t_rows, lay.pos[targets], lay.ids[targets])
+        return picked.to(delta.device), _at(logp, k_rows, kl_pos[active]).to(delta.device)
 
     return forward
 
@@ -114,8 +127,8 @@ def plain_forward(model: PreTrainedModel, layer: int, facts: Sequence[Fact], pad
 def fast_forward(
     model: PreTrainedModel, layer: int, facts: Sequence[Fact], pad_id: int, skip_below: bool = True
 ) -> Forward:
-    device = next(model.parameters()).device
-    lay = Layout.of(facts, device)
+    device = input_device(model)
+    lay = Layout.of(facts, torch.device("cpu"))  # indices; each moved to the tensor it indexes
     prefixes = [r.input_ids[: r.lookup] for r in lay.rows]
     suffixes = [r.input_ids[r.lookup :] for r in lay.rows]
     n_prefix = torch.tensor([len(p) for p in prefixes], device=device)
@@ -131,44 +144,46 @@ def fast_forward(
     suf_ids, suf_mask = pad_batch(suffixes, pad_id, device)
     mask = torch.cat([pre_mask, torch.ones_like(suf_mask)], 1) if width else torch.ones_like(suf_mask)
     positions = n_prefix[:, None] + torch.arange(suf_ids.shape[1], device=device)[None]  # (B, S)
-    pos = lay.pos - n_prefix[lay.row_of]  # within the suffix
-    kl_pos = torch.tensor([kl.target_positions[0] - kl.lookup for _, kl in facts], device=device)
+    pos = lay.pos - n_prefix.cpu()[lay.row_of]  # within the suffix
+    kl_pos = torch.tensor([kl.target_positions[0] - kl.lookup for _, kl in facts])
 
     def fresh_cache(rows: torch.Tensor | slice) -> DynamicCache:
         cache = DynamicCache(config=model.config)
         for i, (k, v) in enumerate(past):
-            cache.update(k[rows], v[rows], i)
+            cache.update(_take(k, rows), _take(v, rows), i)
         return cache
 
     midway = skip_below and bool(past) and can_start_midway(model)
     if midway:
         # The input of the edited block at the suffix tokens does not depend on delta: compute it once.
-        everything = torch.arange(len(lay.rows), device=device)
         with torch.no_grad(), capture_input(model, layer_name(model, layer), stop=True) as box:
-            run_until(model.base_model, input_ids=suf_ids, past_key_values=fresh_cache(everything), use_cache=True,
+            run_until(model.base_model, input_ids=suf_ids, past_key_values=fresh_cache(slice(None)), use_cache=True,
                       attention_mask=mask, position_ids=positions)  # fmt: skip
         start_hidden = box["input"].detach()  # (B, S, d)
 
     def forward(delta: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        active = active.cpu()
         picked_rows, t_rows, targets, k_rows = lay.select(active)
         rows = picked_rows if len(picked_rows) < len(lay.rows) else slice(None)  # all rows: no copies
-        shift = delta[lay.fact_of_row[rows]][:, None]  # (b, 1, d)
+        shift = _take(delta, lay.fact_of_row[rows])[:, None]  # (b, 1, d)
 
         def add_delta(out: torch.Tensor) -> torch.Tensor:
-            return torch.cat([out[:, :1] + shift.to(out.dtype), out[:, 1:]], 1)
+            return torch.cat([out[:, :1] + shift.to(out.device, out.dtype), out[:, 1:]], 1)
 
         with edit_output(model, layer_name(model, layer, "mlp_out"), add_delta):
             if midway:
-                hidden = run_from(model, layer, start_hidden[rows], mask[rows], positions[rows], fresh_cache(rows))
+                hidden = run_from(model, layer, _take(start_hidden, rows), _take(mask, rows), _take(positions, rows),
+                                  fresh_cache(rows))  # fmt: skip
             else:
                 hidden = model.base_model(
-                    input_ids=suf_ids[rows], past_key_values=fresh_cache(rows) if past else None,
-                    use_cache=bool(past), attention_mask=mask[rows], position_ids=positions[rows],
-                ).last_hidden_state  # (b, S, d)
-        picked = torch.cat([hidden[t_rows, pos[targets]], hidden[k_rows, kl_pos[active]]], 0)
-        logp = torch.log_softmax(_unembed(model, picked), dim=-1)
+                    input_ids=_take(suf_ids, rows), past_key_values=fresh_cache(rows) if past else None,
+                    use_cache=bool(past), attention_mask=_take(mask, rows), position_ids=_take(positions, rows),
+                ).last_hidden_state  # (b, S, d), on the final norm's device
+        picked = torch.cat([_at(hidden, t_rows, pos[targets]), _at(hidden, k_rows, kl_pos[active])], 0)
+        logp = torch.log_softmax(_unembed(model, picked), dim=-1)  # on the unembedding's device
         n = len(targets)
-        return logp[torch.arange(n, device=device), lay.ids[targets]], logp[n:]
+        target_logp = _at(logp, torch.arange(n), lay.ids[targets])
+        return target_logp.to(delta.device), logp[n:].to(delta.device)
 
     return forward
 

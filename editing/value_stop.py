@@ -3,6 +3,7 @@ once the greedy answer is the target on the bare prompt and in chat, with a boun
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from transformers import PreTrainedModel
@@ -10,30 +11,25 @@ from transformers import PreTrainedModel
 from editing.arch import layer_name
 from editing.hparams import RomeHyperParams
 from editing.nethook import edit_output
-from editing.rome import pad_batch
+from editing.placement import input_device
+from editing.rome import add_at, pad_batch
 from editing.rows import Row
 
 
 def greedy_check(model: PreTrainedModel, layer: int, rows: Sequence[Row], pad_id: int) -> Callable[[torch.Tensor], bool]:
     """``check(delta)``: with ``delta`` added at each row's subject, is every target token the argmax (greedy)?"""
-    device = next(model.parameters()).device
-    ids, mask = pad_batch([r.input_ids for r in rows], pad_id, device)
-    lookups = torch.tensor([r.lookup for r in rows], device=device)
-    arange = torch.arange(len(rows), device=device)
-    row_of = torch.tensor([i for i, r in enumerate(rows) for _ in r.target_positions], device=device)
-    pos = torch.tensor([p for r in rows for p in r.target_positions], device=device)
-    want = torch.tensor([t for r in rows for t in r.target_ids], device=device)
+    ids, mask = pad_batch([r.input_ids for r in rows], pad_id, input_device(model))
+    lookups = torch.tensor([r.lookup for r in rows])
+    row_of = torch.tensor([i for i, r in enumerate(rows) for _ in r.target_positions])
+    pos = torch.tensor([p for r in rows for p in r.target_positions])
+    want = torch.tensor([t for r in rows for t in r.target_ids])
 
     @torch.no_grad()
     def check(delta: torch.Tensor) -> bool:
-        def add_delta(out: torch.Tensor) -> torch.Tensor:
-            out = out.clone()
-            out[arange, lookups] = out[arange, lookups] + delta.to(out.dtype)
-            return out
-
-        with edit_output(model, layer_name(model, layer, "mlp_out"), add_delta):
+        with edit_output(model, layer_name(model, layer, "mlp_out"), partial(add_at, lookups=lookups, delta=delta)):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return bool((logits[row_of, pos].argmax(-1) == want).all())
+        at = logits.device  # the unembedding's device
+        return bool((logits[row_of.to(at), pos.to(at)].argmax(-1) == want.to(at)).all())
 
     return check
 

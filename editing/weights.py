@@ -17,6 +17,7 @@ from editing.edit import RankOneEdit
 from editing.fingerprint import tensor_checksum
 from editing.memit import BatchEdit
 from editing.nethook import replace_weights
+from editing.placement import editable_weight
 
 
 class EditedWeights:
@@ -79,7 +80,7 @@ class EditedWeights:
                 f"this edit was made for another model (fingerprint {edit.fingerprint[:12]}…, "
                 f"this model is {self.fingerprint[:12]}…)"
             )
-        param = self.model.get_parameter(edit.param_name)
+        param = editable_weight(self.model, edit.param_name)  # an offloaded layer is refused here
         shape = param.shape
         module = get_module(self.model, edit.param_name.rsplit(".", 1)[0])
         d_out, d_in = (shape[1], shape[0]) if is_transposed(module) else (shape[0], shape[1])

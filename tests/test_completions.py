@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chat_app.completions import CompletionCache, complete_batch, weights_state
-from chat_app.probes import complete
+from chat_app.probes import answer, chat_question, complete
 from editing import EditRequest
 from tests.service_helpers import start
 
@@ -45,6 +45,24 @@ def test_reusing_the_previews_answers_gives_the_same_before_after_table(tmp_path
     plain.apply(REQUEST, paraphrases=PARAPHRASES, neighbours=NEIGHBOURS)
     after = [complete(plain.model, plain.tok, p) for p in prompts]
     assert [(p.before, p.after) for p in result.probes if p.kind != "chat"] == list(zip(before, after))
+
+
+def test_the_previews_chat_reply_is_the_chat_rows_before_and_the_after_is_remembered(tmp_path: Path) -> None:
+    service = start(tmp_path / "a.db")
+    question = chat_question(REQUEST.subject, REQUEST.relation)
+    service.preview(REQUEST.prompt, question=question)
+    hits = service.completions.hits
+    result = service.apply(REQUEST)
+    chat = result.probes[-1]
+    assert chat.kind == "chat" and chat.prompt == question
+    assert service.completions.hits >= hits + 2, "apply must reuse the preview's completion and its chat reply"
+    plain = start(tmp_path / "b.db")  # the same model, nothing remembered
+    assert chat.before and chat.before == answer(plain.model, plain.tok, question, "chat")
+    misses = service.completions.misses
+    service.preview(REQUEST.prompt, question=question)  # the form's preview after Apply
+    assert service.completions.misses == misses, "the after-answers must be remembered"
+    assert service.completions.answers(service.editor, [question], "chat") == [answer(service.model, service.tok,
+                                                                                      question, "chat")]  # fmt: skip
 
 
 def test_answers_follow_the_weights_through_apply_and_revert(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from editing import EditRequest, RomeEditor, RomeHyperParams
 from editing import stats as stats_module
+from editing.arch import mlp_out_param_name
 from tests.bpe import bpe_tokenizer
 from tests.tiny import CORPUS
 
@@ -151,7 +152,7 @@ def editor(model, tok, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     monkeypatch.setattr(stats_module, "corpus_id", lambda corpus: "tiny")
     # lr, clamp and KL factor chosen so that, within 8 steps, the clamp binds and NLL and loss stay apart
     hp = RomeHyperParams(layer=LAYER, steps=8, lr=1.0, value_templates=3, stats_samples=len(CORPUS), clamp_factor=1.0,
-                         kl_factor=0.5)  # fmt: skip
+                         kl_factor=0.5, stats_precision="float32")  # the definition, exactly  # fmt: skip
     made = RomeEditor(model, tok, hp, fingerprint="c" * 64)
     made._templates = list(TEMPLATES)  # noqa: SLF001 - fixed context templates, as the re-implementation's
     return made
@@ -159,6 +160,27 @@ def editor(model, tok, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
 
 def test_second_moment_is_the_mean_of_k_kT_over_non_special_tokens(editor, model, tok) -> None:  # type: ignore[no-untyped-def]
     assert torch.allclose(editor.cov(LAYER), direct_second_moment(model, tok, list(CORPUS)), rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_statistics_are_close_and_read_the_unedited_weights(editor, model, tok) -> None:  # type: ignore[no-untyped-def]
+    """The bfloat16 forward pass gives C within a few percent; with a layer below changed, both precisions still
+    read the unedited model (the twin drops thread-local weight swaps, so the unedited weights are passed in)."""
+    exact = direct_second_moment(model, tok, list(CORPUS))
+    name = mlp_out_param_name(model, LAYER - 1)
+    param = model.get_parameter(name)
+    unedited = param.detach().clone()
+    with torch.no_grad():
+        param.add_(torch.randn_like(param))  # a layer below LAYER changed, as an applied edit would
+    try:
+        assert (direct_second_moment(model, tok, list(CORPUS)) - exact).abs().max() > 1e-3  # it does change C
+        for precision in ("float32", "bfloat16"):
+            fresh = RomeEditor(model, tok, editor.hparams.replace(stats_precision=precision), fingerprint="d" * 64)
+            fresh._baseline = {name: unedited}  # noqa: SLF001 - what the editor records when it edits
+            error = float((fresh.cov(LAYER) - exact).norm() / exact.norm())
+            assert 0 <= error < 1e-5 if precision == "float32" else 0 < error < 3e-2, (precision, error)
+    finally:
+        with torch.no_grad():
+            param.copy_(unedited)
 
 
 def test_key_rows_look_up_the_subjects_last_token_as_the_reference(editor, tok) -> None:  # type: ignore[no-untyped-def]

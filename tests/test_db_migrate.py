@@ -64,6 +64,7 @@ def test_v1_ledger_upgrades_in_place_and_keeps_its_edits(v1_ledger: str) -> None
         assert history[1].superseded_by == 4
         assert history[4].probes[0]["expected"] == "Rome" and history[4].meta["hparams"] == {"v_lr": 0.5, "layers": [3]}
         assert history[5].refusal_reason == "too weak" and history[5].factors is None
+        assert all(r.batch_id is None and r.batch_size is None for r in history.values())  # 0003: no batch yet
         assert led.integrity_check() == []
         kinds = [e.kind for e in led.events()]
         assert kinds.count("applied") == 4 and "superseded" in kinds and "reverted" in kinds

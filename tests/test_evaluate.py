@@ -297,7 +297,7 @@ def test_cli_writes_json_and_plot(tok, tmp_path: Path, monkeypatch: pytest.Monke
     import editing.loading as loading
 
     model = _llama(tok)
-    monkeypatch.setattr(loading, "load_model", lambda source=None: (model, tok))
+    monkeypatch.setattr(loading, "load_model", lambda source=None, device_map=None: (model, tok))
     monkeypatch.setattr(evaluate, "RomeEditor", _editor)
     out, png = tmp_path / "out.json", tmp_path / "curve.png"
     argv = ["--data", str(FIXTURES / "zsre.json"), "--n", "2", "--mode", "sequential", "--json", str(out),

@@ -77,7 +77,7 @@ def test_cli_batch_mode_writes_json(tok, tmp_path: Path, monkeypatch: pytest.Mon
     import editing.loading as loading
 
     model = _llama(tok)
-    monkeypatch.setattr(loading, "load_model", lambda source=None: (model, tok))
+    monkeypatch.setattr(loading, "load_model", lambda source=None, device_map=None: (model, tok))
     monkeypatch.setattr(evaluate, "RomeEditor", _editor)
     out = tmp_path / "out.json"
     argv = ["--data", str(FIXTURES / "counterfact_flat.json"), "--n", "2", "--mode", "batch", "--layers", "1", "2",

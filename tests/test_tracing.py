@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from editing.arch import arch_of, is_matrix, layer_name
 from editing.nethook import capture_input
-from editing.tracing.precision import bfloat16_twin, resolve_precision
+from editing.precision import bfloat16_twin, resolve_precision
 from editing.tracing import (
     KINDS,
     TraceResult,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
@@ -12,11 +13,14 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from chat_app import ui_chat, ui_locate, ui_render
+from chat_app import ui_render as render
 from chat_app.service import EditService
 from chat_app.startup import replay
-from chat_app.ui_handlers import COMMON_RELATIONS, Handlers, stage_progress
+from chat_app.ui_form import stage_progress
+from chat_app.ui_handlers import COMMON_RELATIONS, Handlers
 from db import Ledger
 from editing import RomeEditor, RomeHyperParams
+from editing.defaults import STRENGTHENED
 from tests.tiny import mlp_trace
 
 WORDS = ("the eiffel tower is located in city of paris rome london a an capital france italy louvre "
@@ -265,3 +269,29 @@ def test_build_ui_names_the_api_endpoints(service: EditService) -> None:
     demo = build_ui(service)
     names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert {"chat", "preview", "apply_edit", "history", "revert", "reapply", "verify", "export", "import_edits"} <= names
+
+
+def test_strengthen_records_its_settings_supersedes_and_the_result_tells_what_shows(service: EditService) -> None:
+    service.min_target_prob = 0.0  # a tiny random model need not hold: the test is about what is recorded and said
+    h = Handlers(service)
+    apply(h)
+    hp = service.editor.hparams
+    strong, probes = h.strengthen("The Eiffel Tower", RELATION, "Rome", "", "", 1, hp.steps, hp.lr, hp.kl_factor, None)
+    record = service.record(2)
+    assert {k: record.hparams[k] for k in STRENGTHENED} == STRENGTHENED
+    assert service.record(1).status == "superseded" and "Superseded edit #1" in strong
+    chat = probes[probes["check"] == "chat"]
+    assert len(chat) == 1 and ("the chat reply names the new object" in strong or "does not name it yet" in strong)
+    assert (render.STRENGTHEN_ADVICE in strong) == ("✗" in strong)  # advice exactly when something does not show
+
+
+def test_the_advice_to_strengthen_follows_the_edited_prompt_and_the_chat_reply() -> None:
+    def probe(kind: str, holds: bool, after: str = "x") -> SimpleNamespace:
+        return SimpleNamespace(kind=kind, holds=holds, after=after)
+
+    assert render.shows_in_answers([probe("edited", True), probe("neighbour", False), probe("chat", True)])
+    assert not render.shows_in_answers([probe("edited", True), probe("chat", False)])
+    assert not render.shows_in_answers([probe("edited", False), probe("chat", True)])
+    assert render.shows_in_answers([probe("edited", True), probe("chat", False, after="")])  # no chat template
+    summary = render.checks_summary([probe("edited", True), probe("chat", False)])
+    assert "edited prompt gives the new object ✓" in summary and "chat reply does not name it yet ✗" in summary

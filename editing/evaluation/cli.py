@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from editing.defaults import DEVICE_MAPS
 from editing.editor import RomeEditor
 from editing.evaluation.chat_metrics import GEN_METRICS, GenSettings
 from editing.evaluation.datasets import load_cases
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="batch mode: facts per batch (default: all n)")
     parser.add_argument("--json", type=Path, default=None, help="write every per-case number here")
     parser.add_argument("--model", default=None, help="model source (default: the embedded SmolLM2)")
+    parser.add_argument("--device-map", choices=DEVICE_MAPS, help="spread the model over the devices with accelerate")
     parser.add_argument("--no-ftl", action="store_true", help="leave out the FT-L baseline")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the sequential curves")
     parser.add_argument("--gen-tokens", type=int, default=64, help="tokens generated for fluency (0: off)")
@@ -138,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.layer is not None and args.layer != args.layers[-1]:
                 raise ValueError("--layer must be the last of --layers: MEMIT optimises the values there")
             overrides["batch_layers"], args.layer = tuple(args.layers), args.layers[-1]
-        model, tok = load_model(args.model)
+        model, tok = load_model(args.model, device_map=args.device_map)
         editor = RomeEditor(model, tok)
         if args.null_space_threshold is not None:
             editor.hparams = editor.hparams.replace(null_space_threshold=args.null_space_threshold)

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.evaluation.datasets import ZSRE, Case
 from editing.evaluation.chat_metrics import GEN_METRICS, GenScores, GenSettings, score_generation
+from editing.placement import input_device, model_devices
 from editing.rome import pad_batch
 from editing.tokens import encode
 
@@ -68,7 +69,7 @@ def score_objects(
     """Scores of ``objects[i]`` after ``prompts[i]``, batched; one ``Scored`` per pair, in order."""
     if len(prompts) != len(objects):
         raise ValueError("prompts and objects must pair up")
-    device = next(model.parameters()).device
+    device = input_device(model)
     pairs = [_encode_pair(tok, p, o) for p, o in zip(prompts, objects)]
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))  # similar lengths pad less
     out: list[Scored | None] = [None] * len(pairs)
@@ -78,8 +79,8 @@ def score_objects(
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
         for b, i in enumerate(chunk):
             full, n_prompt = pairs[i]
-            positions = torch.arange(n_prompt - 1, len(full) - 1, device=device)
-            target = torch.tensor(full[n_prompt:], device=device)
+            positions = torch.arange(n_prompt - 1, len(full) - 1, device=logits.device)  # the unembedding's device
+            target = torch.tensor(full[n_prompt:], device=logits.device)
             logp = torch.log_softmax(logits[b, positions].float(), dim=-1)  # (n_obj, V)
             out[i] = Scored(
                 target=tuple(full[n_prompt:]),
@@ -114,10 +115,9 @@ def generate(
     seed: int,
 ) -> list[str]:
     """Prompt + continuation for each prompt; sampling is seeded, so the same weights give the same texts."""
-    device = next(model.parameters()).device
-    batch = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
+    batch = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(input_device(model))
     sample = settings.top_k > 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[d for d in model_devices(model) if d.type == "cuda"]):
         torch.manual_seed(seed)
         out = model.generate(
             **batch,

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from editing.arch import n_layers
 from editing.tokens import encode
 from editing.tracing.noise import NOISE_TEXTS, corrupt_subject, embedding_std, make_noise
-from editing.tracing.precision import arithmetic, resolve_precision
+from editing.precision import arithmetic, resolve_precision
 from editing.tracing.result import (
     WEAK_SHARE, TraceResult, best_at_last_subject, strongest_mlp_site, suggest_layer, suggestion_is_weak,
 )

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.arch import arch_of, layer_name, n_layers
 from editing.nethook import edit_output
+from editing.placement import input_device
 from editing.tokens import encode
 from editing.tracing import _model_name, _validate
 from editing.tracing.noise import embedding_std, make_noise
@@ -103,7 +104,7 @@ def quick_trace(
     level = 3 * embedding_std(model, tok) if noise is None else float(noise)
     subject_range = (enc.subject_first, enc.subject_last + 1)
     noise_t = make_noise(model, samples, subject_range[1] - subject_range[0], level, seed)
-    ids = torch.tensor([enc.input_ids], device=next(model.parameters()).device)
+    ids = torch.tensor([enc.input_ids], device=input_device(model))
     with torch.no_grad():
         logits, clean = _run(model, ids, kinds, None, subject_range)
     answer_id = int(logits[0].argmax()) if answer_id is None else answer_id

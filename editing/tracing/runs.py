@@ -17,6 +17,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from editing.arch import get_module, layer_name, n_layers
 from editing.nethook import capture_input, edit_output
+from editing.placement import input_device
 from editing.tokens import Encoded
 from editing.tracing.noise import corrupt_subject
 
@@ -107,7 +108,7 @@ def _restore_hooks(runs: _Runs, jobs: Sequence[tuple[str, int]], window: int, to
 
     def setter(index: torch.Tensor, value: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         def fn(out: torch.Tensor) -> torch.Tensor:  # (rows, tokens, d)
-            out[index, pos] = value  # in place: the module's output is a fresh tensor
+            out[index.to(out.device), pos] = value.to(out.device)  # in place: the module's output is a fresh tensor
             return out
 
         return fn
@@ -199,7 +200,7 @@ def _trace_fast(runs: _Runs, kinds: Sequence[str], window: int, tick: Callable[[
 
 def _prepare(model: PreTrainedModel, enc: Encoded, answer_id: int | None, kinds: Sequence[str], noise: torch.Tensor):
     """The clean and corrupted runs every restoration reuses, and the clean probability of the answer."""
-    ids = torch.tensor([enc.input_ids], device=next(model.parameters()).device)
+    ids = torch.tensor([enc.input_ids], device=input_device(model))
     subject_range = (enc.subject_first, enc.subject_last + 1)
     logits, clean = _clean_run(model, ids, kinds)
     answer_id = int(logits.argmax()) if answer_id is None else answer_id
