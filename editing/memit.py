@@ -14,6 +14,7 @@ the others (the other facts keep the shares computed with it in K, as stored).
 """
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ import torch
 
 from editing.arch import layer_name
 from editing.edit import RankOneEdit
-from editing.nethook import edit_output
+from editing.nethook import StopForward, capture_input, edit_output, run_until
 from editing.placement import input_device
-from editing.rome import Progress, compute_key, pad_batch
+from editing.rome import Progress, pad_batch
 from editing.rows import Row
 
 if TYPE_CHECKING:
@@ -71,6 +72,36 @@ def hidden_after(model: torch.nn.Module, layer: int, rows: Sequence[Row], pad_id
     return out[torch.arange(len(rows), device=out.device), lookups].float().mean(0)
 
 
+@torch.no_grad()
+def keys_and_hidden(
+    model: torch.nn.Module, layer: int, last: int, key_rows: Sequence[Sequence[Row]], pad_id: int, group: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(K, H)``: each fact's key k* at ``layer`` (d_in, n) and residual after block ``last`` (d, n) at its
+    subject's last token, averaged over the fact's rows (``compute_key`` and ``hidden_after`` for every fact),
+    ``group`` facts' rows to a forward pass that stops after block ``last``. float32, CPU."""
+    keys, hidden = [], []
+    for start in range(0, len(key_rows), group):
+        part = key_rows[start : start + group]
+        rows = [r for fact in part for r in fact]
+        fact_of_row = torch.tensor([i for i, fact in enumerate(part) for _ in fact])
+        lookups = torch.tensor([r.lookup for r in rows])
+        ids, mask = pad_batch([r.input_ids for r in rows], pad_id, input_device(model))
+        box: dict[str, torch.Tensor] = {}
+
+        def record(out: torch.Tensor) -> None:
+            box["out"] = out.detach()
+            raise StopForward  # nothing above block ``last`` is needed
+
+        with capture_input(model, layer_name(model, layer, "mlp_out")) as key_box, \
+                edit_output(model, layer_name(model, last), record):  # fmt: skip
+            run_until(model, input_ids=ids, attention_mask=mask, use_cache=False)
+        counts = torch.bincount(fact_of_row, minlength=len(part)).float()[:, None]  # (f, 1)
+        for out, found in ((keys, key_box["input"]), (hidden, box["out"])):  # each on its block's device
+            picked = found[torch.arange(len(rows), device=found.device), lookups.to(found.device)].float().cpu()
+            out.append(torch.zeros(len(part), picked.shape[1]).index_add(0, fact_of_row, picked) / counts)  # (f, d)
+    return torch.cat(keys).T, torch.cat(hidden).T
+
+
 def layer_shares(
     cov: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, weight: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,16 +124,6 @@ def share_stats(batch_id: str, index: int, size: int, layers: Sequence[int], ext
     return {**extra, "batch": {"id": batch_id, "fact": index, "size": size, "layers": list(layers)}}
 
 
-def keys_at(editor: RomeEditor, layer: int, key_rows: Sequence[Sequence[Row]], progress: Progress | None) -> torch.Tensor:
-    """(d_in, n): each fact's key k* at ``layer`` on the current weights."""
-    cols = []
-    for i, rows in enumerate(key_rows):
-        cols.append(compute_key(editor.model, layer, rows, editor.tok.pad_token_id).cpu())
-        if progress is not None:
-            progress(f"keys L{layer}", (i + 1) / len(key_rows))
-    return torch.stack(cols, 1)
-
-
 def _check_requests(requests: Sequence[EditRequest]) -> None:
     if not requests:
         raise ValueError("a batch needs at least one fact")
@@ -118,7 +139,7 @@ def compute_batch(
     editor: RomeEditor, requests: Sequence[EditRequest], progress: Progress | None = None, **overrides: object
 ) -> BatchEdit:
     """MEMIT over ``hp.batch_layers`` for ``requests`` on the current weights; the weights are unchanged on return."""
-    from editing.value import optimise_value  # value imports rome; keep this module's import graph flat
+    from editing.value_batch import optimise_values  # value imports rome; keep this module's import graph flat
 
     _check_requests(requests)
     hp = editor.hparams_for(requests[0], **overrides)
@@ -127,27 +148,32 @@ def compute_batch(
     model, pad, last = editor.model, editor.tok.pad_token_id, layers[-1]
     for layer in layers:
         editor.cov(layer, hp.stats_samples, progress)
-    targets = []  # z_i: the residual after the last layer that says the target
-    for i, (key_rows, value_rows, kl) in enumerate(rows):
-        key = compute_key(model, last, key_rows, pad)
-        result = optimise_value(model, hp.replace(layer=last), key, value_rows, kl, pad, editor.method)
-        targets.append(hidden_after(model, last, key_rows, pad).cpu() + result.delta.cpu())
-        if progress is not None:
-            progress("value", (i + 1) / len(rows))
-    z = torch.stack(targets, 1)  # (d, n)
+    t0 = time.perf_counter()
+    key_rows = [r[0] for r in rows]
+    keys, hidden = keys_and_hidden(model, last, last, key_rows, pad)
+    results = optimise_values(
+        model, hp.replace(layer=last), keys.T, [(values, kl) for _, values, kl in rows], pad, editor.method, progress
+    )
+    # z_i: the residual after the last layer that says the target. (d, n)
+    z = hidden + torch.stack([v.delta.cpu() for v in results], 1)
+    value_s = time.perf_counter() - t0
     batch_id = new_batch_id()
     saved = editor.applied
     shares: list[list[RankOneEdit]] = [[] for _ in requests]
     try:
         for j, layer in enumerate(layers):
-            keys = keys_at(editor, layer, [r[0] for r in rows], progress)
-            now = torch.stack([hidden_after(model, last, r[0], pad).cpu() for r in rows], 1)
-            resid = (z - now) / (len(layers) - j)
+            if j > 0 or layer != last:  # otherwise: nothing is applied yet, and the keys are those at ``last``
+                keys, hidden = keys_and_hidden(model, layer, last, key_rows, pad)
+            if progress is not None:
+                progress("update", (j + 1) / len(layers))
+            resid = (z - hidden) / (len(layers) - j)
             values, key_dirs = layer_shares(editor.cov(layer, hp.stats_samples), keys, resid, hp.mom2_weight)
             name = editor.param_name(layer)
             layer_hp = {**hp.replace(layer=layer).to_dict(), "update": "memit", "batch_layers": list(layers)}
             for i, request in enumerate(requests):
-                extra = {"update_norm": float(values[:, i].norm() * key_dirs[:, i].norm())}
+                extra = {"update_norm": float(values[:, i].norm() * key_dirs[:, i].norm()),
+                         "steps": results[i].steps, "target_prob": results[i].target_prob,
+                         "delta_norm": float(results[i].delta.norm()), "v0_norm": results[i].v0_norm}
                 shares[i].append(RankOneEdit(
                     request=request, layer=layer, param_name=name, value_dir=values[:, i].clone(),
                     key_dir=key_dirs[:, i].clone(), hparams=layer_hp, fingerprint=editor.fingerprint,
@@ -157,4 +183,7 @@ def compute_batch(
                 editor.apply(shares[i][-1])  # the next layer's keys and residuals see this one
     finally:
         editor.rebuild(list(saved))
-    return editor.with_checksums(BatchEdit(batch_id, tuple(tuple(s) for s in shares), {"layers": list(layers)}))
+    return editor.with_checksums(BatchEdit(batch_id, tuple(tuple(s) for s in shares), {
+        "layers": list(layers), "value_s": round(value_s, 4), "seconds": round(time.perf_counter() - t0, 4),
+        "mean_steps": sum(r.steps for r in results) / len(results),
+    }))

@@ -36,6 +36,11 @@ def _words() -> list[str]:
 
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
+    return word_tokenizer()
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over every word of the fixtures."""
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *_words()])}
     inner = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     inner.pre_tokenizer = Whitespace()

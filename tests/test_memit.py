@@ -111,3 +111,48 @@ def test_duplicate_facts_and_bad_layers_are_refused(setup) -> None:  # type: ign
         editor.compute_batch(FACTS, batch_layers=(1, 0))
     with pytest.raises(ValueError, match="compute_batch"):
         editor.compute(FACTS[0], update="memit")
+
+
+# Prompts ending in the subject: on these 4-layer random models an edit at layer 1 can then move the
+# next token (facts with more words after the subject do not move, even edited alone).
+ES_FACTS = [
+    ("The Eiffel tower", "Located in {}", "rome", "paris"),
+    ("The Colosseum", "Located in {}", "london", "rome"),
+    ("Big Ben", "Located in {}", "paris", "london"),
+    ("Apple", "Developed by {}", "google", "apple"),
+    ("Microsoft", "Developed by {}", "apple", "microsoft"),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_batch_makes_every_fact_say_its_new_object(arch: str) -> None:
+    tok = tiny_tokenizer()
+    model = tiny_llama() if arch == "llama" else tiny_gpt2()
+    editor = tiny_editor(model, tok, layer=1, steps=20, lr=2.0)
+    requests = [EditRequest(s, r, new) for s, r, new, _ in ES_FACTS]
+
+    def efficacy() -> float:  # ES: the share of facts whose new object beats the true one
+        wins = [target_prob(model, tok, q.prompt, new) > target_prob(model, tok, q.prompt, old)
+                for q, (_, _, new, old) in zip(requests, ES_FACTS)]  # fmt: skip
+        return 100 * sum(wins) / len(wins)
+
+    before = efficacy()
+    batch = editor.compute_batch(requests, batch_layers=(1,), mom2_weight=1.0)
+    editor.apply(batch)
+    assert before <= 60 and efficacy() == 100
+    assert all(shares[0].stats["target_prob"] > 0.3 for shares in batch.facts)
+    assert batch.stats["layers"] == [1] and batch.stats["seconds"] > 0
+
+
+def test_batched_keys_and_residuals_match_one_fact_at_a_time() -> None:
+    from editing.memit import hidden_after, keys_and_hidden
+    from editing.rome import compute_key
+
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    editor = tiny_editor(model, tok, layer=2)
+    key_rows = [editor.rows(r, editor.hparams)[0] for r in FACTS]
+    keys, hidden = keys_and_hidden(model, 1, 2, key_rows, tok.pad_token_id, group=2)
+    for i, rows in enumerate(key_rows):
+        assert torch.allclose(keys[:, i], compute_key(model, 1, rows, tok.pad_token_id), atol=1e-5, rtol=1e-4)
+        assert torch.allclose(hidden[:, i], hidden_after(model, 2, rows, tok.pad_token_id), atol=1e-5, rtol=1e-4)

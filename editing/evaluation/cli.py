@@ -31,6 +31,10 @@ def format_table(result: EvalResult) -> str:
     for method, norms in result.update_norms.items():
         if norms:
             lines.append(f"{method} ||ΔW||: mean {sum(norms) / len(norms):.3g}, max {max(norms):.3g}")
+    batch = result.config.get("batch")
+    if batch and batch.get("seconds_per_fact") is not None:
+        lines.append(f"MEMIT: {sum(batch['batches'])} facts in {len(batch['batches'])} batch(es) at layers {batch['layers']}, "
+                     f"{batch['seconds_per_fact']:.2f} s per fact (compute_batch; key statistics excluded)")  # fmt: skip
     lines.append(
         f"{len(result.cases)} of {result.n} cases, mode {result.mode}, layer {result.layer}, seed {result.seed}, "
         f"{len(result.failed)} failed, {result.seconds:.1f} s"
@@ -70,7 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=20, help="cases in the seeded random sample (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and generation seed")
     parser.add_argument("--layer", type=int, default=None, help="layer to edit (default: the model's)")
-    parser.add_argument("--mode", choices=MODES, default="independent")
+    parser.add_argument("--mode", choices=MODES, default="independent",
+                        help="independent: one edit at a time; sequential: edits accumulate; batch: MEMIT batches")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="batch mode: MEMIT's layers, ascending (default: the 5 ending at --layer)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch mode: facts per batch (default: all n)")
     parser.add_argument("--json", type=Path, default=None, help="write every per-case number here")
     parser.add_argument("--model", default=None, help="model source (default: the embedded SmolLM2)")
     parser.add_argument("--device-map", choices=DEVICE_MAPS, help="spread the model over the devices with accelerate")
@@ -125,6 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases, skipped = load_cases(args.data)
         if not cases:
             raise ValueError(f"{args.data} holds no usable case ({skipped.count} skipped)")
+        overrides = _overrides(args.set)
+        if args.mode != "batch" and (args.layers or args.batch_size):
+            raise ValueError("--layers and --batch-size belong to --mode batch")
+        if args.layers:
+            if args.layer is not None and args.layer != args.layers[-1]:
+                raise ValueError("--layer must be the last of --layers: MEMIT optimises the values there")
+            overrides["batch_layers"], args.layer = tuple(args.layers), args.layers[-1]
         model, tok = load_model(args.model, device_map=args.device_map)
         editor = RomeEditor(model, tok)
         if args.null_space_threshold is not None:
@@ -133,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_evaluation(
                 model, tok, editor, cases, args.mode, args.n, args.seed, args.layer, progress,
                 ftl=not args.no_ftl, generation=GenerationSettings(max_new_tokens=args.gen_tokens),
-                checkpoints=args.checkpoints, rome_overrides=_overrides(args.set), updates=args.update,
+                checkpoints=args.checkpoints, rome_overrides=overrides, updates=args.update,
+                batch_size=args.batch_size,
                 said=GenSettings(chat=ChatSettings(max_new_tokens=args.chat_tokens)) if args.chat_tokens > 0 else None,
             )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:

@@ -2,7 +2,8 @@
 
 *Independent* mode edits each case alone and undoes it before the next (the paper's table).
 *Sequential* mode applies every edit on top of the previous ones, measures the cases edited so
-far at checkpoints (the collapse curve) and records each update's norm.
+far at checkpoints (the collapse curve) and records each update's norm. *Batch* mode edits the cases
+together with MEMIT, in batches (``editing.evaluation.batch``), and scores them after the last batch.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from editing.arch import mlp_out_param_name
 from editing.evaluation.datasets import Case, sample_cases
 from editing.editor import RomeEditor
 from editing.fingerprint import tensor_checksum
+from editing.evaluation.batch import METHOD as BATCH_METHOD
+from editing.evaluation.batch import check_size, run_batches
 from editing.evaluation.ftl import FineTuneL, FTLHyperParams
 from editing.evaluation.chat_metrics import GenSettings
 from editing.evaluation.metrics import CaseScores, GenerationSettings, aggregate, score_case
@@ -25,7 +28,7 @@ from editing.evaluation.metrics import CaseScores, GenerationSettings, aggregate
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]  # (stage, fraction done), as elsewhere in editing
-MODES = ("independent", "sequential")
+MODES = ("independent", "sequential", "batch")
 UNEDITED = "unedited"
 EDIT_ERRORS = (ValueError, FloatingPointError)  # a case that cannot be edited is reported, not fatal
 
@@ -207,6 +210,13 @@ def _sequential(run: _Run, methods: Sequence[Method], checkpoints: int) -> tuple
     return results, {m: [norms[m][i] for i in order if i in norms[m]] for m in norms}, curves
 
 
+def _batch(run: _Run, editor: RomeEditor, layer: int, overrides: dict[str, Any], size: int | None) -> tuple:
+    out = run_batches(run, editor, size, {**overrides, "layer": layer})
+    results = [CaseResult(run.cases[i], {UNEDITED: out.base[i], BATCH_METHOD: out.edited[i]},
+                          {BATCH_METHOD: out.norms[i]}) for i in sorted(out.edited)]  # fmt: skip
+    return results, {BATCH_METHOD: [out.norms[i] for i in sorted(out.edited)]}, out.summary(size)
+
+
 def run_evaluation(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -224,11 +234,14 @@ def run_evaluation(
     said: GenSettings | None = None,
     rome_overrides: dict[str, Any] | None = None,
     updates: Sequence[str] = ("r-rome",),
+    batch_size: int | None = None,
 ) -> EvalResult:
     """Score the unedited model, FT-L (unless ``ftl`` is false) and ROME on a seeded sample of ``n`` cases.
 
     ``said`` switches on the generation metrics (GE/GP/GL/CE/CO/NC, ``editing.evaluation.chat_metrics``);
-    ``rome_overrides`` are hyperparameters for ROME's edits (e.g. ``{"stop_on": "worst"}``).
+    ``rome_overrides`` are hyperparameters for ROME's edits (e.g. ``{"stop_on": "worst"}``). Batch mode
+    (MEMIT, no FT-L) takes its layers from ``rome_overrides["batch_layers"]`` (default: the 5 ending at
+    ``layer``) and edits ``batch_size`` cases at a time (default: all).
 
     The editor must have no edits applied; the model's weights are unchanged on return.
     """
@@ -239,6 +252,7 @@ def run_evaluation(
     layer = editor.hparams.layer if layer is None else layer
     if not 0 <= layer < editor.n_layers:
         raise ValueError(f"layer {layer} is out of range; this model has layers 0 to {editor.n_layers - 1}")
+    check_size(batch_size)
     sample = sample_cases(cases, n, seed)
     editor.cov(layer, progress=progress)  # the slow first-time statistics, before the timed loop
     editor.context_templates()
@@ -247,23 +261,31 @@ def run_evaluation(
     if rome_overrides:
         editor.hparams.replace(**rome_overrides)  # unknown or bad values fail here, before the run
     methods.extend(RomeMethod(editor, layer, rome_overrides, update) for update in updates)
+    if mode == "batch":
+        if ftl_hp is not None:
+            log.info("batch mode compares MEMIT with the unedited model; FT-L is not run")
+        methods, ftl_hp = [], None
     m = len(sample)
-    total = m if mode == "independent" else m + len(methods) * (m + sum(_checkpoints(m, checkpoints)))
+    total = {"independent": m, "batch": 3 * m}.get(mode, m + len(methods) * (m + sum(_checkpoints(m, checkpoints))))
     run = _Run(model, tok, sample, seed, generation, progress, total, said=said)
     run.tick(0)  # starts the clock of a progress bar
     checksum = tensor_checksum(model.get_parameter(mlp_out_param_name(model, layer)))
     start = time.perf_counter()
+    curves: dict = {}
+    batch_info: dict[str, Any] = {}
     if mode == "independent":
         results, norms = _independent(run, methods)
-        curves: dict = {}
+    elif mode == "batch":
+        results, norms, batch_info = _batch(run, editor, layer, rome_overrides or {}, batch_size)
     else:
         results, norms, curves = _sequential(run, methods, checkpoints)
     if tensor_checksum(model.get_parameter(mlp_out_param_name(model, layer))) != checksum:
         raise RuntimeError("the evaluation did not restore the model's weights")
-    names = [UNEDITED, *(m.name for m in methods)]
+    names = [UNEDITED, *(m.name for m in methods), *([BATCH_METHOD] if mode == "batch" else [])]
     config = {"generation": asdict(generation), "ftl": None if ftl_hp is None else ftl_hp.to_dict(),
               "said": None if said is None else asdict(said), "rome_overrides": dict(rome_overrides or {}),
-              "hparams": editor.hparams.to_dict(), "updates": list(updates)}  # fmt: skip
+              "hparams": editor.hparams.to_dict(), "updates": list(updates),
+              **({"batch": batch_info} if mode == "batch" else {})}  # fmt: skip
     return EvalResult(
         mode=mode, n=len(sample), seed=seed, layer=layer, cases=tuple(results),
         rows={name: aggregate([r.scores[name] for r in results]) for name in names},
