@@ -54,10 +54,10 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _llama(tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+def tiny_llama(tok: PreTrainedTokenizerFast, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=128, pad_token_id=0, eos_token_id=2, bos_token_id=2,
         initializer_range=INIT_RANGE,
     )  # fmt: skip
@@ -73,7 +73,7 @@ def _gpt2(tok: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
 
 @pytest.fixture(scope="module")
 def llama(tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    return _llama(tok)
+    return tiny_llama(tok)
 
 
 def _editor(model: torch.nn.Module, tok: PreTrainedTokenizerFast) -> RomeEditor:
@@ -144,7 +144,7 @@ def test_sample_is_seeded() -> None:
 
 
 # ----- metrics --------------------------------------------------------------------------------
-@pytest.mark.parametrize("build", [_llama, _gpt2])
+@pytest.mark.parametrize("build", [tiny_llama, _gpt2])
 def test_object_probability_is_the_mean_per_token_probability(tok: PreTrainedTokenizerFast, build) -> None:
     model = build(tok)
     prompts = ["Zorbit Tower is located in the country of", "Anna Brolt plays the", "Which country is it in?"]
@@ -229,7 +229,7 @@ def test_zsre_locality_is_one_on_the_unedited_model(tok, llama) -> None:
 
 # ----- FT-L ---------------------------------------------------------------------------------------
 def test_ftl_raises_the_target_stays_in_the_ball_and_restores_exactly(tok) -> None:
-    model = _llama(tok)
+    model = tiny_llama(tok)
     case = _case()
     hp = FTLHyperParams(layer=1, lr=1e-2, steps=10, epsilon=5e-3)
     ftl = FineTuneL(model, tok, hp)
@@ -248,7 +248,7 @@ def test_ftl_raises_the_target_stays_in_the_ball_and_restores_exactly(tok) -> No
 # ----- end to end -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["independent", "sequential"])
 def test_short_run_end_to_end(tok, mode: str) -> None:
-    model = _llama(tok)
+    model = tiny_llama(tok)
     editor = _editor(model, tok)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     cases = load_cases(FIXTURES / "counterfact_original.json")[0] + load_cases(FIXTURES / "counterfact_flat.json")[0]
@@ -283,7 +283,7 @@ def test_short_run_end_to_end(tok, mode: str) -> None:
 
 
 def test_run_refuses_an_edited_model_and_a_bad_mode(tok) -> None:
-    model = _llama(tok)
+    model = tiny_llama(tok)
     editor = _editor(model, tok)
     with pytest.raises(ValueError, match="mode"):
         run_evaluation(model, tok, editor, [_case()], "parallel", n=1)
@@ -296,7 +296,7 @@ def test_cli_writes_json_and_plot(tok, tmp_path: Path, monkeypatch: pytest.Monke
     import editing.evaluation.cli as evaluate
     import editing.loading as loading
 
-    model = _llama(tok)
+    model = tiny_llama(tok)
     monkeypatch.setattr(loading, "load_model", lambda source=None, device_map=None: (model, tok))
     monkeypatch.setattr(evaluate, "RomeEditor", _editor)
     out, png = tmp_path / "out.json", tmp_path / "curve.png"

@@ -6,30 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from editing import RomeEditor
 from editing.evaluation.cli import format_table, main
 from editing.evaluation.datasets import load_cases
 from editing.evaluation.evaluate import UNEDITED, run_evaluation
 from editing.evaluation.metrics import METRICS, GenerationSettings, score_case
-from tests.test_evaluate import FIXTURES, INIT_RANGE, word_tokenizer
+from tests.test_evaluate import FIXTURES, tiny_llama, word_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():  # type: ignore[no-untyped-def]
     return word_tokenizer()
-
-
-def _llama(tok) -> LlamaForCausalLM:  # type: ignore[no-untyped-def]
-    """4 layers: an edit at layer 2 has blocks above it to carry it to the answer."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=128, pad_token_id=0, eos_token_id=2, bos_token_id=2,
-        initializer_range=INIT_RANGE,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
 def _editor(model: torch.nn.Module, tok) -> RomeEditor:  # type: ignore[no-untyped-def]
@@ -48,7 +36,7 @@ def _cases():  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("size", [None, 2])
 def test_batch_mode_scores_the_cases_after_the_batches(tok, size: int | None) -> None:
-    model = _llama(tok)
+    model = tiny_llama(tok, layers=4)  # an edit at layer 2 has blocks above it to carry it
     editor = _editor(model, tok)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     no_text = GenerationSettings(max_new_tokens=0)
@@ -76,7 +64,7 @@ def test_cli_batch_mode_writes_json(tok, tmp_path: Path, monkeypatch: pytest.Mon
     import editing.evaluation.cli as evaluate
     import editing.loading as loading
 
-    model = _llama(tok)
+    model = tiny_llama(tok, layers=4)  # an edit at layer 2 has blocks above it to carry it
     monkeypatch.setattr(loading, "load_model", lambda source=None, device_map=None: (model, tok))
     monkeypatch.setattr(evaluate, "RomeEditor", _editor)
     out = tmp_path / "out.json"
