@@ -151,7 +151,8 @@ def locate_tab() -> SimpleNamespace:
     gr.Markdown("Causal tracing corrupts the subject's tokens with noise, then restores one hidden state at a time: "
                 "states that bring the answer back carry the fact. The MLP layer that matters most at the last "
                 "subject token is where an edit works best. **Quick trace** estimates every restoration at once "
-                "(attribution patching, about a second); **Exact trace** runs them all (the reference, slower).")  # fmt: skip
+                "(attribution patching, under a second here, a rough sketch); **Exact trace** runs them all "
+                "(the reference, slower).")  # fmt: skip
     with gr.Row():
         loc.prompt = inputs.Textbox(label="Prompt", placeholder="The Eiffel Tower is located in the city of", scale=3)
         loc.subject = inputs.Textbox(label="Subject (as written in the prompt)", placeholder="The Eiffel Tower", scale=2)
@@ -163,8 +164,8 @@ def locate_tab() -> SimpleNamespace:
                                      label="States to restore (MLP alone: about a third of the time)")  # fmt: skip
         loc.precision = inputs.Radio(ui_locate.PRECISION_CHOICES, value="auto", scale=2,
                                  label="Arithmetic (Auto: bfloat16 where the CPU has it, else float32)")  # fmt: skip
-        loc.quick = gr.Button("Quick trace (approximate, seconds)", variant="primary", scale=1, elem_id="locate-quick")
-        loc.trace = gr.Button("Exact trace", scale=1, elem_id="locate-exact")
+        loc.trace = gr.Button("Exact trace", variant="primary", scale=1, elem_id="locate-exact")
+        loc.quick = gr.Button("Quick sketch (approximate, under a second)", scale=1, elem_id="locate-quick")
         loc.carry = gr.Button("Use subject, relation and layer in the form", scale=1)
     loc.summary = gr.Markdown(elem_id="locate-summary")
     loc.plot = gr.Plot(label="Causal trace: hidden state, MLP and attention", show_label=False)

@@ -22,8 +22,9 @@ DEFAULT_SAMPLES = 10  # noise samples per trace (the paper's choice); the tab le
 KIND_CHOICES = [("MLP", "mlp"), ("Hidden states", "hidden"), ("Attention", "attn")]  # (label, trace kind)
 DEFAULT_KINDS = ("hidden", "mlp", "attn")  # all three heatmaps; MLP alone takes about a third of the time
 QUICK_NOTE = ("**Quick approximation** (attribution patching: one clean, one corrupted and one backward pass give a "
-              "linear estimate of every restoration). It ranks sites like the exact trace but can misjudge how much "
-              "one state restores; press **Exact trace** to confirm before relying on a layer.")  # fmt: skip
+              "linear estimate of every restoration). On this model it is a rough sketch: over 20 known facts its MLP "
+              "map's rank correlation with the exact trace was 0.45 (median) and it suggested the same layer for 3; "
+              "press **Exact trace** before relying on a layer.")  # fmt: skip
 PRECISION_CHOICES = [("Auto", "auto"), ("bfloat16 (faster on CPUs that have it)", "bfloat16"),
                      ("float32 (exact)", "float32")]  # fmt: skip
 
