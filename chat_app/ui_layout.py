@@ -150,7 +150,7 @@ def locate_tab() -> SimpleNamespace:
         return loc
     gr.Markdown("Causal tracing corrupts the subject's tokens with noise, then restores one hidden state at a time: "
                 "states that bring the answer back carry the fact. The MLP layer that matters most at the last "
-                "subject token is where an edit works best. **Quick trace** estimates every restoration at once "
+                "subject token is where an edit works best. **Quick sketch** estimates every restoration at once "
                 "(attribution patching, under a second here, a rough sketch); **Exact trace** runs them all "
                 "(the reference, slower).")  # fmt: skip
     with gr.Row():
