@@ -19,11 +19,14 @@ from editing.nethook import replace_weights
 
 
 def resolve_precision(precision: str, model: nn.Module) -> str:
-    """``"auto"`` → ``"bfloat16"`` on a CPU with native bfloat16 matrix products, else ``"float32"``."""
+    """``"auto"`` → ``"bfloat16"`` on a CPU with native bfloat16 matrix products (a model not placed by a device
+    map), else ``"float32"``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
+    if getattr(model, "hf_device_map", None):  # placed by accelerate: its hooks are not the twin's to copy
+        return "float32"
     on_cpu = next(model.parameters()).device.type == "cpu"
     return "bfloat16" if on_cpu and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
