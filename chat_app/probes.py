@@ -7,11 +7,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from chat_app.threads import generation_threads
 from editing.evaluation.chat_metrics import names
-from editing.generation import REPETITION_PENALTY, ChatSettings, chat_reply, generation_kwargs
+from editing.generation import (
+    REPETITION_PENALTY, ChatSettings, TurnPenalty, chat_reply, earlier_turn_tokens, generation_kwargs,
+)
 from editing.placement import input_device
 from editing.questions import fact_from_question, question_for
 
@@ -98,7 +103,8 @@ def stream_chat(
 ) -> Iterator[str]:
     """Yield the reply as it grows. ``context`` (a context manager) wraps generation in its thread.
 
-    ``repetition_penalty`` (1 = off) divides the scores of tokens already in the conversation.
+    ``repetition_penalty`` (1 = off) divides the scores of tokens already in the conversation, except
+    those found only in its earlier turns (``editing.generation.TurnPenalty``).
     Generation never outlives this generator: when the caller stops reading (a Stop button, a
     disconnect: ``close()``), decoding ends at the next token and the thread is joined before
     control returns, so a caller's weights lock is not released under a running forward pass.
@@ -107,6 +113,10 @@ def stream_chat(
     enc = {k: v.to(input_device(model)) for k, v in enc.items()}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
     kwargs = generation_kwargs(ChatSettings(temperature, max_new_tokens, repetition_penalty), tok)  # the shared settings
+    earlier = earlier_turn_tokens(tok, messages) if repetition_penalty != 1 else set()
+    if earlier:  # a later turn: the earlier turns' own words are not penalised (``TurnPenalty``)
+        kwargs.update(repetition_penalty=1.0, logits_processor=LogitsProcessorList([TurnPenalty(repetition_penalty,
+                                                                                                  earlier)]))  # fmt: skip
     stop = threading.Event()
     errors: list[BaseException] = []
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.placement import input_device
 
@@ -50,6 +50,39 @@ def generation_kwargs(settings: ChatSettings, tok: PreTrainedTokenizerBase) -> d
         "max_new_tokens": settings.max_new_tokens,
         "pad_token_id": tok.pad_token_id,
     }
+
+
+class TurnPenalty(LogitsProcessor):
+    """The repetition penalty of ``generate``, except on tokens found only in earlier turns of the conversation.
+
+    HF's penalty divides the score of every token already in the input. In a conversation that input
+    holds the earlier questions and replies too, and penalising all their words (articles, verbs, the
+    subject) drives a second reply into nonsense. This one penalises what a single-turn reply's penalty
+    sees (the system prompt, the last question, the reply so far) and leaves the tokens that occur only
+    in earlier turns alone; with no earlier turns it equals HF's.
+    """
+
+    def __init__(self, penalty: float, exempt: set[int]) -> None:
+        self.penalty, self.exempt, self.start = penalty, exempt, None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]  # the first call sees the prompt alone
+        for row in range(input_ids.shape[0]):
+            ids = set(input_ids[row, : self.start].tolist()) - self.exempt
+            ids |= set(input_ids[row, self.start :].tolist())
+            index = torch.tensor(sorted(ids), dtype=torch.long, device=scores.device)
+            picked = scores[row].gather(0, index)
+            scores[row].scatter_(0, index, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
+        return scores
+
+
+def earlier_turn_tokens(tok: PreTrainedTokenizerBase, messages: Sequence[Message]) -> set[int]:
+    """Token ids of the conversation that a single-turn prompt of its last question would not contain."""
+    last = [m for m in messages if m["role"] == "system"] + [messages[-1]]
+    whole = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)
+    single = tok.apply_chat_template(last, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return set(whole["input_ids"]) - set(single["input_ids"])
 
 
 def chat_text(tok: PreTrainedTokenizerBase, messages: Sequence[Message]) -> str:
