@@ -18,7 +18,7 @@ from db import EditRecord, EventRecord
 
 HISTORY_HEADERS = ["id", "time (UTC)", "subject", "relation", "requested", "old → new answer", "layer", "status",
                    "author", "batch"]
-HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "markdown", "number", "str", "markdown", "str"]
+HISTORY_TYPES = ["number", "str", "markdown", "markdown", "markdown", "markdown", "str", "str", "markdown", "str"]
 HISTORY_WIDTHS = ["44px", "112px", "12%", "14%", "9%", "15%", "64px", "120px", "8%", "150px"]  # fits 1280 px; status unclipped
 PROBE_HEADERS = ["check", "prompt", "expected", "before", "after", "holds"]
 PROBE_TYPES = ["str", "markdown", "markdown", "markdown", "markdown", "str"]
@@ -85,10 +85,21 @@ def answer_change(record: EditRecord) -> str:
     return f"{before} → **{esc(after, CELL_CHARS)}**"
 
 
+def share_layers(record: EditRecord) -> list[int]:
+    """The layers an edit changes: a MEMIT batch fact's shares, else its one layer."""
+    layers = [s.get("layer") for s in record.meta.get("shares") or [] if isinstance(s, dict)]
+    return [int(x) for x in layers if x is not None] or [record.layer]
+
+
+def layer_label(record: EditRecord) -> str:
+    layers = share_layers(record)
+    return str(layers[0]) if len(layers) == 1 else f"{min(layers)}–{max(layers)}"
+
+
 def history_frame(records: Sequence[EditRecord]) -> pd.DataFrame:
     rows = [
         [r.id, when(r.created_at), esc(r.subject, CELL_CHARS), esc(r.relation, CELL_CHARS), esc(r.target, CELL_CHARS),
-         answer_change(r), r.layer, record_status(r), esc(r.author or "", CELL_CHARS), batch_label(r)]
+         answer_change(r), layer_label(r), record_status(r), esc(r.author or "", CELL_CHARS), batch_label(r)]
         for r in records
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=HISTORY_HEADERS)
@@ -133,9 +144,9 @@ def record_detail(record: EditRecord, events: Sequence[EventRecord]) -> str:
     if record.superseded_by is not None:
         lines.append(f"- **superseded by** edit #{record.superseded_by}")
     if record.batch_id is not None:
-        layers = [s.get("layer") for s in record.meta.get("shares") or [] if isinstance(s, dict)]
+        layers = share_layers(record)
         lines.append(f"- **batch** {code(record.batch_id)}, fact {(record.batch_index or 0) + 1} of {record.batch_size}"
-                     + (f" (MEMIT at layers {', '.join(map(str, layers))})" if layers else ""))  # fmt: skip
+                     + f" (MEMIT at layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))})")  # fmt: skip
     if record.refusal_reason:
         lines.append(f"- **refused / failed because** {esc(record.refusal_reason)}")
     stats = record.meta.get("stats") or {}

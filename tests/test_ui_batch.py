@@ -53,6 +53,7 @@ def test_apply_all_as_one_batch_then_revert_and_reapply_it_from_history(handlers
     assert set(frame["batch"]) == {batch} and all(s.startswith("applied") for s in frame["status"])
     table = h.history()
     assert list(table["batch"]) == [f"{batch} (2/2)", f"{batch} (1/2)"]
+    assert list(table["layer"]) == ["1–2", "1–2"]  # every layer a batch fact changes, not only the last
     assert len(h.history(batch=batch)) == 2 and h.history(batch="other").empty
     first = int(frame["edit"][0])
     assert "fact 1 of 2 (MEMIT at layers 1, 2)" in h.detail(first) and batch in h.detail(first)
