@@ -1,4 +1,4 @@
-"""Shared fixtures: a throwaway PostgreSQL server, and ``ledger_url`` over SQLite and PostgreSQL."""
+"""Shared fixtures: a throwaway PostgreSQL server, ``ledger_url`` over SQLite and PostgreSQL, and one torch thread."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -28,3 +28,14 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "edits.db")
     return request.getfixturevalue("pg_server").new_database()
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the test (tiny models gain nothing from threads on a shared machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

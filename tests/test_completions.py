@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from chat_app.completions import CompletionCache, complete_batch, weights_state
 from chat_app.probes import answer, chat_question, complete
@@ -16,12 +15,7 @@ PARAPHRASES = ["Some text here. The Eiffel tower is in"]
 NEIGHBOURS = ["The Colosseum is located in the city of", "Big Ben is in"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_batch_of_prompts_of_different_lengths_completes_as_each_alone(tmp_path: Path) -> None:

@@ -47,12 +47,7 @@ def model(tok):  # type: ignore[no-untyped-def]
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def down_proj(model):  # type: ignore[no-untyped-def]

@@ -101,11 +101,4 @@ def _defaults(service):  # type: ignore[no-untyped-def]
     return hp.steps, hp.lr, hp.kl_factor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
