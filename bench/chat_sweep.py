@@ -14,11 +14,11 @@ import json
 import pickle
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.sweep import timed_edit  # noqa: E402
 from editing import RomeEditor, load_model  # noqa: E402
 from editing.evaluation.chat_metrics import GenSettings  # noqa: E402
 from editing.evaluation.datasets import load_cases, sample_cases  # noqa: E402
@@ -70,14 +70,11 @@ def main() -> None:
     for overrides in variants:
         scores, times, steps, said = [], [], [], []
         for case, before in zip(cases, base):
-            t0 = time.perf_counter()
-            try:
-                edit = editor.compute(case.request(), **overrides)
-            except ValueError as err:
-                print(f"  skipped case {case.case_id}: {err}", flush=True)
+            done = timed_edit(editor, case, case.request(), **overrides)
+            if done is None:
                 continue
-            editor.apply(edit)
-            times.append(time.perf_counter() - t0)
+            edit, seconds = done
+            times.append(seconds)
             steps.append(edit.stats["steps"])
             try:
                 scores.append(score_case(model, tok, case, fluency, 0, gen=gen, gen_reference=before.gen))

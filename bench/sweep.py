@@ -63,6 +63,18 @@ def chat_check(model, tok, case, penalty: float = 1.0) -> tuple[float, float, fl
     )
 
 
+def timed_edit(editor: RomeEditor, case, request, **overrides):  # type: ignore[no-untyped-def]
+    """Compute and apply ``request``'s edit; ``(edit, seconds)``, or None (printed) when the case is refused."""
+    t0 = time.perf_counter()
+    try:
+        edit = editor.compute(request, **overrides)
+    except ValueError as err:
+        print(f"  skipped case {case.case_id}: {err}", flush=True)
+        return None
+    editor.apply(edit)
+    return edit, time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20)
@@ -98,16 +110,12 @@ def main() -> None:
         editor.cov(layer, n_samples)  # statistics outside the timing
         rows, times, steps, chats = [], [], [], []
         for case in cases:
-            t0 = time.perf_counter()
-            try:
-                edit = editor.compute(case.request(layer), stats_samples=n_samples, value_templates=vt, lr=lr,
-                                      early_stop_loss=stop, kl_direction=kl, norm_power=power,
-                                      early_stop_on=stop_on)  # fmt: skip
-            except ValueError as err:
-                print(f"  skipped case {case.case_id}: {err}", flush=True)
+            done = timed_edit(editor, case, case.request(layer), stats_samples=n_samples, value_templates=vt, lr=lr,
+                              early_stop_loss=stop, kl_direction=kl, norm_power=power, early_stop_on=stop_on)
+            if done is None:
                 continue
-            editor.apply(edit)
-            times.append(time.perf_counter() - t0)
+            edit, seconds = done
+            times.append(seconds)
             steps.append(edit.stats["steps"])
             rows.append(scores(model, tok, case))
             if args.chat:
