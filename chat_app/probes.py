@@ -113,10 +113,10 @@ def stream_chat(
     enc = {k: v.to(input_device(model)) for k, v in enc.items()}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
     kwargs = generation_kwargs(ChatSettings(temperature, max_new_tokens, repetition_penalty), tok)  # the shared settings
-    earlier = earlier_turn_tokens(tok, messages) if repetition_penalty != 1 else set()
+    earlier = earlier_turn_tokens(tok, messages, enc["input_ids"][0].tolist()) if repetition_penalty != 1 else set()
     if earlier:  # a later turn: the earlier turns' own words are not penalised (``TurnPenalty``)
-        kwargs.update(repetition_penalty=1.0, logits_processor=LogitsProcessorList([TurnPenalty(repetition_penalty,
-                                                                                                  earlier)]))  # fmt: skip
+        penalty = TurnPenalty(repetition_penalty, earlier)
+        kwargs.update(repetition_penalty=1.0, logits_processor=LogitsProcessorList([penalty]))
     stop = threading.Event()
     errors: list[BaseException] = []
 

@@ -77,12 +77,14 @@ class TurnPenalty(LogitsProcessor):
         return scores
 
 
-def earlier_turn_tokens(tok: PreTrainedTokenizerBase, messages: Sequence[Message]) -> set[int]:
-    """Token ids of the conversation that a single-turn prompt of its last question would not contain."""
+def earlier_turn_tokens(tok: PreTrainedTokenizerBase, messages: Sequence[Message], ids: Sequence[int]) -> set[int]:
+    """Token ids of the conversation (``ids``: its prompt, tokenised) that a single-turn prompt of its last
+    question would not contain; none when there are no earlier turns."""
     last = [m for m in messages if m["role"] == "system"] + [messages[-1]]
-    whole = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)
+    if len(last) == len(messages):
+        return set()
     single = tok.apply_chat_template(last, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return set(whole["input_ids"]) - set(single["input_ids"])
+    return set(ids) - set(single["input_ids"])
 
 
 def chat_text(tok: PreTrainedTokenizerBase, messages: Sequence[Message]) -> str:

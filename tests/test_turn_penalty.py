@@ -13,6 +13,10 @@ LATER = [*FIRST, {"role": "assistant", "content": "the tower is in paris and fra
          {"role": "user", "content": "where is the tower"}]  # fmt: skip
 
 
+def ids_of(tok, messages):  # type: ignore[no-untyped-def]
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+
 def test_without_earlier_turns_it_is_hfs_penalty_and_grows_with_the_reply() -> None:
     torch.manual_seed(0)
     ids, scores = torch.randint(0, 50, (2, 12)), torch.randn(2, 50)
@@ -23,8 +27,8 @@ def test_without_earlier_turns_it_is_hfs_penalty_and_grows_with_the_reply() -> N
 
 def test_tokens_only_in_earlier_turns_keep_their_scores_the_rest_are_penalised() -> None:
     tok = tiny_tokenizer()
-    assert earlier_turn_tokens(tok, FIRST) == set()
-    earlier = earlier_turn_tokens(tok, LATER)
+    assert earlier_turn_tokens(tok, FIRST, ids_of(tok, FIRST)) == set()
+    earlier = earlier_turn_tokens(tok, LATER, ids_of(tok, LATER))
     only_earlier = {tok.convert_tokens_to_ids(w) for w in ("paris", "france")}
     assert only_earlier <= earlier and tok.convert_tokens_to_ids("tower") not in earlier  # also in the last question
     prompt = tok.apply_chat_template(LATER, add_generation_prompt=True, return_tensors="pt", return_dict=True)
