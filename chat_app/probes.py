@@ -15,7 +15,7 @@ from transformers import (
 from chat_app.threads import generation_threads
 from editing.evaluation.chat_metrics import names
 from editing.generation import (
-    REPETITION_PENALTY, ChatSettings, TurnPenalty, chat_reply, earlier_turn_tokens, generation_kwargs,
+    REPETITION_PENALTY, ChatSettings, TurnPenalty, chat_reply, earlier_turn_tokens, generation_kwargs, greedy_completions,
 )
 from editing.placement import input_device
 from editing.questions import fact_from_question, question_for
@@ -32,23 +32,14 @@ class TopToken:
     prob: float
 
 
-@torch.no_grad()
 def complete(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 8) -> str:
     """Greedy continuation of ``prompt``, cut at the first line break or sentence end."""
-    enc = tok(prompt, return_tensors="pt").to(input_device(model))
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return first_sentence(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
-
-
-def first_sentence(text: str) -> str:
-    """A generated continuation cut at the first line break or sentence end."""
-    text = text.split("\n")[0]
-    for stop in (". ", "? ", "! "):
-        text = text.split(stop)[0]
-    return text.strip().rstrip(".")
+    return greedy_completions(model, tok, [prompt], max_new_tokens)[0]
 
 
 CHAT_PROBE = ChatSettings(max_new_tokens=48)  # the chat's settings, a shorter reply: the answer comes first
+# The chat row reads the reply up to its first sentence end after this many tokens (bench/chat_probe_length.py)
+CHAT_PROBE_MIN_TOKENS = 8
 
 
 def chat_question(subject: str, relation: str) -> str:
@@ -59,7 +50,9 @@ def chat_question(subject: str, relation: str) -> str:
 def answer(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, kind: str) -> str:
     """What a check reads: the chat reply for a chat question, else the greedy completion."""
     if kind == "chat":
-        return chat_reply(model, tok, prompt, CHAT_PROBE) if getattr(tok, "chat_template", None) else ""
+        if getattr(tok, "chat_template", None) is None:
+            return ""
+        return chat_reply(model, tok, prompt, CHAT_PROBE, sentence_min_tokens=CHAT_PROBE_MIN_TOKENS)
     return complete(model, tok, prompt)
 
 

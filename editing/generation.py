@@ -5,12 +5,13 @@ return whole replies with the same settings, so what ``evaluate`` measures is wh
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
 from editing.placement import input_device
 
@@ -94,28 +95,85 @@ def chat_text(tok: PreTrainedTokenizerBase, messages: Sequence[Message]) -> str:
     return tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
 
+# A sentence ends at . ! or ? (and any closing quote or bracket) followed by white space ...
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)")
+ABBREVIATION = re.compile(r"(?:^|[\s.(])(?:[A-Z]|Mr|Mrs|Ms|Dr|St|Jr|Sr|Mt|vs|etc|e\.g|i\.e|No)$")  # ... unless after these
+
+
+def first_sentence_end(text: str, start: int = 0) -> int | None:
+    """Where the first sentence of ``text`` that ends at or after ``start`` ends (one past its mark), or None.
+
+    A line break ends a sentence too. A full stop after an initial or a common abbreviation ("U.S.",
+    "Dr.", "e.g.") does not; one after a number does ("founded in 1901."), so a decimal needs the
+    digit after it, which the white-space rule gives: "3.5" has none.
+    """
+    for match in SENTENCE_END.finditer(text, start):
+        if match.group().startswith(".") and ABBREVIATION.search(text, 0, match.start()):
+            continue
+        newline = text.find("\n", start, match.start())
+        return newline if newline > 0 and text[:newline].strip() else match.end()
+    newline = text.find("\n", start)
+    return newline if newline > 0 and text[:newline].strip() else None
+
+
+class SentenceStop(StoppingCriteria):
+    """Stops each row once its reply has at least ``min_tokens`` tokens and a sentence ended after them."""
+
+    def __init__(self, tok: PreTrainedTokenizerBase, width: int, min_tokens: int = 8) -> None:
+        self.tok, self.width, self.min_tokens = tok, width, min_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        done = []
+        for row in input_ids:
+            new = row[self.width :]
+            if len(new) <= self.min_tokens:
+                done.append(False)
+                continue
+            start = len(self.tok.decode(new[: self.min_tokens], skip_special_tokens=True))
+            done.append(first_sentence_end(self.tok.decode(new, skip_special_tokens=True), start) is not None)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def chat_replies(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     questions: Sequence[str],
     settings: ChatSettings = ChatSettings(),
+    sentence_min_tokens: int | None = None,
 ) -> list[str]:
-    """One single-turn reply per question (the model's default system prompt), generated as one left-padded batch."""
+    """One single-turn reply per question (the model's default system prompt), generated as one left-padded batch.
+
+    With ``sentence_min_tokens``, each reply ends with the first sentence that ends after that many
+    tokens: what the chat shows first, word for word (greedy decoding of the same conversation).
+    """
     if not questions:
         return []
     device = input_device(model)
     texts = [chat_text(tok, [{"role": "user", "content": q}]) for q in questions]
     enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
-    out = model.generate(**enc, **generation_kwargs(settings, tok))
     width = enc["input_ids"].shape[1]
-    return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    kwargs = generation_kwargs(settings, tok)
+    if sentence_min_tokens is not None:
+        kwargs["stopping_criteria"] = [SentenceStop(tok, width, sentence_min_tokens)]
+    out = model.generate(**enc, **kwargs)
+    replies = [tok.decode(row[width:], skip_special_tokens=True) for row in out]
+    if sentence_min_tokens is not None:
+        replies = [_cut(tok, row[width:], reply, sentence_min_tokens) for row, reply in zip(out, replies)]
+    return [reply.strip() for reply in replies]
+
+
+def _cut(tok: PreTrainedTokenizerBase, new: torch.Tensor, reply: str, min_tokens: int) -> str:
+    start = len(tok.decode(new[:min_tokens], skip_special_tokens=True))
+    end = first_sentence_end(reply, start)
+    return reply if end is None else reply[:end]
 
 
 def chat_reply(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, question: str, settings: ChatSettings = ChatSettings()
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, question: str, settings: ChatSettings = ChatSettings(),
+    sentence_min_tokens: int | None = None,
 ) -> str:
-    return chat_replies(model, tok, [question], settings)[0]
+    return chat_replies(model, tok, [question], settings, sentence_min_tokens)[0]
 
 
 @torch.no_grad()
