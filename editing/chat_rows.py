@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from editing.generation import chat_text
-from editing.questions import question_for
+from editing.questions import mid_sentence, question_for
 from editing.request import EditRequest
 from editing.rows import Row
 
@@ -43,10 +43,11 @@ def chat_prompt(tok: PreTrainedTokenizerBase, request: EditRequest, style: str, 
     question = question or question_for(request.relation, request.subject)
     head = chat_text(tok, [{"role": "user", "content": question}])
     text = head + (request.relation.replace("{}", request.subject) if style == "restate" else "")
-    at = text.rfind(request.subject)
-    if at < 0:
-        raise ValueError(f"the subject {request.subject!r} does not occur in the chat text")
-    return text, at + len(request.subject) - 1
+    for written in (request.subject, mid_sentence(request.subject)):  # a question writes "the Louvre" mid-sentence
+        at = text.rfind(written)
+        if at >= 0:
+            return text, at + len(written) - 1
+    raise ValueError(f"the subject {request.subject!r} does not occur in the chat text")
 
 
 def chat_rewrite_row(tok: PreTrainedTokenizerBase, request: EditRequest, style: str, question: str | None = None) -> Row:

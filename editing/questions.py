@@ -79,7 +79,19 @@ def question_for(template: str, subject: str) -> str:
     """The natural question about ``subject`` for this relation, e.g. ("{} is located in", "Rome") -> "Where is Rome?"."""
     if not subject.strip():
         raise ValueError("the subject is empty")
-    return question_template(template).replace(SLOT, subject.strip())
+    question = question_template(template)
+    return question.replace(SLOT, mid_sentence(subject.strip()) if not question.startswith(SLOT) else subject.strip())
+
+
+def mid_sentence(subject: str) -> str:
+    """``subject`` as written inside a sentence: a leading article in lower case ("The Louvre" -> "the Louvre").
+
+    Only "The", "A" and "An" followed by a capitalised word change; the rest of the name is kept as given.
+    """
+    head, _, rest = subject.partition(" ")
+    if head in ("The", "A", "An") and rest[:1].isupper():
+        return f"{head.lower()} {rest}"
+    return subject
 
 
 # Leading structures that name the subject in a prompt whose subject is not given (neighbour prompts).

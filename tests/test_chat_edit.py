@@ -6,7 +6,7 @@ import torch
 
 from editing import EditRequest
 from editing.arch import layer_name
-from editing.chat_rows import chat_key_row, chat_rewrite_row, chat_rows, exact_key_dir
+from editing.chat_rows import chat_key_row, chat_prompt, chat_rewrite_row, chat_rows, exact_key_dir
 from editing.generation import chat_text
 from editing.hparams import RomeHyperParams
 from editing.nethook import edit_output
@@ -30,6 +30,14 @@ def test_chat_rows_go_through_the_chat_template_and_find_the_subject() -> None:
     key = chat_key_row(tok, REQUEST, "restate")
     assert key.input_ids == restate.input_ids[: len(key.input_ids)] and key.lookup == restate.lookup
     assert [r.lookup for r in chat_rows(tok, REQUEST, 3)] == [restate.lookup, direct.lookup, restate.lookup]
+
+
+def test_a_leading_article_is_found_in_lower_case_mid_question() -> None:
+    tok, request = tiny_tokenizer(), EditRequest("The Eiffel Tower", "{} is located in", "Rome")
+    direct, end = chat_prompt(tok, request, "direct")
+    assert "Where is the Eiffel Tower?" in direct and direct[end - 15 : end + 1] == "the Eiffel Tower"
+    restate, end = chat_prompt(tok, request, "restate")  # the answer restates it at a sentence start
+    assert restate.endswith("The Eiffel Tower is located in") and restate[end - 15 : end + 1] == "The Eiffel Tower"
 
 
 def test_chat_rows_need_a_chat_template_and_a_known_style() -> None:

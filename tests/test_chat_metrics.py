@@ -61,7 +61,9 @@ def test_question_template(template: str, question: str) -> None:
 
 
 def test_question_for_fills_the_subject_and_refuses_bad_templates() -> None:
-    assert question_for("{} is located in", "The Eiffel Tower") == "Where is The Eiffel Tower?"
+    assert question_for("{} is located in", "The Eiffel Tower") == "Where is the Eiffel Tower?"  # the article mid-sentence
+    assert question_for("{} is located in", "The xx") == "Where is The xx?"  # not a capitalised name after it
+    assert question_for("{} is located in", "Theodor Fontane") == "Where is Theodor Fontane?"
     with pytest.raises(ValueError, match="exactly one"):
         question_template("no slot here")
     with pytest.raises(ValueError, match="subject"):

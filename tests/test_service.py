@@ -28,7 +28,7 @@ def test_apply_is_recorded_and_survives_restart(ledger_path) -> None:  # type: i
     record = svc.record(result.edit_id)
     assert record.status == "applied" and record.position == 0 and len(record.probes) == 4
     chat = record.probes[-1]  # the chat row: the question about the subject, the reply before and after
-    assert chat["kind"] == "chat" and chat["prompt"] == "Where is The Eiffel tower?"
+    assert chat["kind"] == "chat" and chat["prompt"] == "Where is the Eiffel tower?"
     assert chat["holds"] == (A.target.lower() in chat["after"].lower().split())
     assert not same(state(svc), base)
     assert same(state(start(ledger_path)), state(svc))
