@@ -19,7 +19,7 @@ from editing.placement import layer_weight
 from editing.projection import Projection, null_space_projection, projected_key_dir, recover_key, stack_keys
 from editing.request import EditRequest
 from editing.weights import EditedWeights
-from editing.rome import Progress, compute_key, factor_cov, rank_one_factors
+from editing.rome import Progress, factor_cov, rank_one_factors, row_keys
 from editing.rows import Row, key_row, kl_row, rewrite_row
 from editing.stats import second_moment
 from editing.templates import context_templates
@@ -183,13 +183,12 @@ class RomeEditor(EditedWeights):
             check = greedy_check(self.model, hp.layer, rows, self.tok.pad_token_id)
         return StopRule(hp, check)
 
-    def _exact_keys(self, request: EditRequest, hp: RomeHyperParams, key: torch.Tensor) -> torch.Tensor:
-        """k*, the bare prompt's key and (with a chat template) each chat style's key, one per row."""
+    def _exact_rows(self, request: EditRequest) -> list[Row]:
+        """The rows whose keys ``exact_keys`` maps to the full delta beside k*: the bare prompt and each chat style."""
         rows = [key_row(self.tok, "{}", request)]
         if getattr(self.tok, "chat_template", None) is not None:
             rows += chat_rows(self.tok, request, len(CHAT_STYLES), key=True)
-        pad = self.tok.pad_token_id
-        return torch.stack([key, *(compute_key(self.model, hp.layer, [r], pad) for r in rows)])
+        return rows
 
     def validate(self, request: EditRequest, **overrides: object) -> RomeHyperParams:
         hp = self.hparams_for(request, **overrides)
@@ -209,7 +208,10 @@ class RomeEditor(EditedWeights):
         param = self._current(name)
         before = tensor_checksum(param)
         t0 = time.perf_counter()
-        key = compute_key(self.model, hp.layer, key_rows, self.tok.pad_token_id)
+        exact = hp.exact_keys and hp.update == "r-rome"  # the bare prompt's and chat keys get the full delta too
+        extra = self._exact_rows(request) if exact else []
+        keys = row_keys(self.model, hp.layer, key_rows + extra, self.tok.pad_token_id)  # one forward pass for all
+        key = keys[: len(key_rows)].mean(0)
         if progress is not None:
             progress("key", 1.0)
         timings["key_s"] = time.perf_counter() - t0
@@ -219,8 +221,8 @@ class RomeEditor(EditedWeights):
         )
         timings["value_s"] = time.perf_counter() - t0
         value_dir, key_dir, update_stats = self._key_dir(hp, key, result.delta)
-        if hp.exact_keys and hp.update == "r-rome":  # the bare prompt's and chat keys get the full delta too
-            key_dir = exact_key_dir(self._cov_lu(hp.layer, hp.stats_samples), self._exact_keys(request, hp, key))
+        if exact:
+            key_dir = exact_key_dir(self._cov_lu(hp.layer, hp.stats_samples), torch.cat([key[None], keys[len(key_rows) :]]))
         if not (torch.isfinite(value_dir).all() and torch.isfinite(key_dir).all()):
             raise FloatingPointError("the computed update has non-finite values")
         after = tensor_checksum(self._added(name, value_dir, key_dir, param))

@@ -39,9 +39,14 @@ def add_at(out: torch.Tensor, lookups: torch.Tensor, delta: torch.Tensor) -> tor
     return out
 
 
-@torch.no_grad()
 def compute_key(model: PreTrainedModel, layer: int, rows: Sequence[Row], pad_id: int) -> torch.Tensor:
     """k*: the rewritten projection's input at the subject's last token, averaged over rows. (d_in,) float32, on the layer's device."""
+    return row_keys(model, layer, rows, pad_id).mean(0)
+
+
+@torch.no_grad()
+def row_keys(model: PreTrainedModel, layer: int, rows: Sequence[Row], pad_id: int) -> torch.Tensor:
+    """Each row's key, the rewritten projection's input at its lookup token, in one forward pass. (B, d_in) float32."""
     weight = layer_weight(model, layer)
     ids, mask = pad_batch([r.input_ids for r in rows], pad_id, input_device(model))
     with capture_input(model, layer_name(model, layer, "mlp_out"), stop=True) as box:
@@ -49,7 +54,7 @@ def compute_key(model: PreTrainedModel, layer: int, rows: Sequence[Row], pad_id:
     hidden = box["input"]  # (B, T, d_in), wherever the block before left it (a pre-hook runs before accelerate moves it)
     lookups = torch.tensor([r.lookup for r in rows], device=hidden.device)
     keys = hidden[torch.arange(len(rows), device=hidden.device), lookups]  # (B, d_in)
-    return keys.float().mean(0).to(weight.device)
+    return keys.float().to(weight.device)
 
 
 @torch.no_grad()

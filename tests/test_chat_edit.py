@@ -10,7 +10,7 @@ from editing.chat_rows import chat_key_row, chat_prompt, chat_rewrite_row, chat_
 from editing.generation import chat_text
 from editing.hparams import RomeHyperParams
 from editing.nethook import edit_output
-from editing.rome import factor_cov, rank_one_factors
+from editing.rome import compute_key, factor_cov, rank_one_factors, row_keys
 from editing.value_stop import StopRule, greedy_check
 from tests.tiny import tiny_editor, tiny_llama, tiny_tokenizer
 
@@ -107,5 +107,8 @@ def test_exact_keys_edit_on_a_tiny_model() -> None:
     tok, model = tiny_tokenizer(), tiny_llama()
     editor = tiny_editor(model, tok, layer=2, steps=8)
     edit = editor.compute(REQUEST, exact_keys=1)
-    keys = editor._exact_keys(REQUEST, editor.hparams_for(REQUEST), torch.zeros(model.config.intermediate_size))
-    assert torch.allclose(keys[1:] @ edit.key_dir, torch.ones(3), atol=1e-3)  # bare prompt and both chat styles
+    rows = editor._exact_rows(REQUEST)
+    keys = torch.stack([compute_key(model, 2, [r], tok.pad_token_id) for r in rows])  # each alone, unpadded
+    assert len(rows) == 3 and torch.allclose(keys @ edit.key_dir, torch.ones(3), atol=1e-3)  # bare prompt, both chat styles
+    assert abs(float(edit.key @ edit.key_dir) - 1) < 1e-3  # and k*
+    assert torch.allclose(row_keys(model, 2, rows, tok.pad_token_id), keys, atol=1e-5)  # one padded pass = alone
