@@ -6,7 +6,9 @@
 Serves the app in this process (default model, a fresh ledger in a temporary folder, statistics
 prepared before timing), wraps the service's steps with timers, then for each CounterFact
 development case does what a user of the form does: ``/preview``, then ``/apply_edit`` with one
-paraphrase and one neighbour, timed end to end at the client; the edit is reverted (untimed)
+paraphrase and one neighbour, timed end to end at the client (the edit applied, its own prompt
+checked), then ``/apply_edit_checks``, which returns once the paraphrase, neighbour and chat row are
+answered (the browser chains it), timed from the same start; the edit is reverted (untimed)
 before the next. Prints per edit the end-to-end time and the seconds spent in: probe completions,
 the edit's computation, ledger writes and reads, parameter checksums, and the UI refresh that
 follows an apply in the browser (history table and banner), then medians.
@@ -54,9 +56,11 @@ def instrument(service: Any) -> None:
     from chat_app import ui_handlers
 
     import chat_app.completions as completions_mod
+    import chat_app.later_checks as later_mod
 
     for module, name in ((service_mod, "complete"), (service_mod, "complete_batch"), (service_mod, "answer"),
-                         (completions_mod, "complete_batch"), (completions_mod, "answer")):  # fmt: skip
+                         (completions_mod, "complete_batch"), (completions_mod, "answer"),
+                         (later_mod, "complete_batch"), (later_mod, "answer")):  # fmt: skip
         if hasattr(module, name):  # the outermost generation calls only, so nothing is counted twice
             setattr(module, name, timed("probes", getattr(module, name)))
     editor_mod.tensor_checksum = timed("checksums", editor_mod.tensor_checksum)
@@ -97,7 +101,7 @@ def main() -> None:
     url = args.url or serve(Path(tempfile.mkdtemp(prefix="rome-chat-bench-")))
     client = Client(url, verbose=False)
     cases = sample_cases(load_cases(DATA)[0], args.n, args.seed)
-    totals, rows = [], []
+    totals, checked, rows = [], [], []
     for case in cases:
         subject, relation, target = case.subject, case.request().relation, case.target_new
         if not args.no_preview:
@@ -108,14 +112,17 @@ def main() -> None:
         result, _ = client.predict(subject, relation, target, case.paraphrases[0], case.neighbourhood[0], 9, 20, 2.0,
                                    0.0625, "", api_name="/apply_edit")  # fmt: skip
         totals.append(time.perf_counter() - t0)
+        client.predict(api_name="/apply_edit_checks")  # what the browser chains: the checks answered meanwhile
+        checked.append(time.perf_counter() - t0)
         time.sleep(0.5)  # let the refresh the browser chains after apply finish (not in the client's time)
         rows.append(dict(SPANS))
-        print(f"{totals[-1]:5.2f} s end to end · " + " · ".join(f"{k} {v:.2f} s ({COUNTS[k]}×)" for k, v in SPANS.items())
+        print(f"{totals[-1]:5.2f} s applied, {checked[-1]:5.2f} s every check answered · "
+              + " · ".join(f"{k} {v:.2f} s ({COUNTS[k]}×)" for k, v in SPANS.items())
               + f" · {result.splitlines()[0][:60]}", flush=True)  # fmt: skip
         edit_id = int(result.split("#", 1)[1].split("*", 1)[0].split()[0])
         client.predict(edit_id, api_name="/revert")
     print(f"median end to end {statistics.median(totals):.2f} s over {len(totals)} edits "
-          f"(min {min(totals):.2f}, max {max(totals):.2f})")  # fmt: skip
+          f"(min {min(totals):.2f}, max {max(totals):.2f}); every check answered {statistics.median(checked):.2f} s")  # fmt: skip
     for label in sorted({k for r in rows for k in r}):
         print(f"  median {label}: {statistics.median(r.get(label, 0.0) for r in rows):.3f} s")
 

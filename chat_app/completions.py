@@ -65,9 +65,10 @@ class CompletionCache:
             while len(self._items) > self.max_items:
                 self._items.popitem(last=False)
 
-    def _get(self, state: State, prompt: str, kind: str = "complete") -> str | None:
+    def remembered(self, state: State, prompt: str, kind: str = "complete") -> str | None:
+        """The answer remembered for ``prompt`` on the weights of ``state``, or None."""
         with self._lock:
-            return self._items.get((state, kind, prompt))
+            return self._items.get((state, "chat" if kind == "chat" else "complete", prompt))
 
     def answers(self, editor: RomeEditor, prompts: Sequence[str], kind: str = "complete") -> list[str]:
         """Each prompt's answer on ``editor``'s current weights: remembered ones reused, the rest generated.
@@ -75,7 +76,7 @@ class CompletionCache:
         The caller holds the weights steady (the service's read lock) for the duration.
         """
         state = weights_state(editor)
-        known = {p: self._get(state, p, kind) for p in dict.fromkeys(prompts)}
+        known = {p: self.remembered(state, p, kind) for p in dict.fromkeys(prompts)}
         missing = [p for p, text in known.items() if text is None]
         self.hits += len(prompts) - len(missing)
         self.misses += len(missing)

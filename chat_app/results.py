@@ -32,6 +32,7 @@ class ApplyResult:
     probes: tuple[Probe, ...]
     superseded: tuple[int, ...]
     stats: dict[str, Any] = field(default_factory=dict)
+    pending: tuple[Probe, ...] = ()  # checks answered after returning (``EditService.checks``), ``after`` still empty
 
 
 @dataclass(frozen=True)

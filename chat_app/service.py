@@ -22,6 +22,7 @@ from chat_app.probes import (
     REPETITION_PENALTY, TopToken, answer, chat_question, stream_chat, top_next,
 )
 from chat_app.checks import LedgerChecks
+from chat_app.later_checks import LaterChecks
 from chat_app.results import ApplyResult, Probe
 from chat_app.batch_service import BatchEdits
 from chat_app.sync import LedgerSync, decode_record
@@ -41,7 +42,7 @@ class ReadOnlyError(PermissionError):
     """The app runs read-only: edits, reverts and imports are refused."""
 
 
-class EditService(BatchEdits, LedgerSync, LedgerChecks):
+class EditService(BatchEdits, LedgerSync, LedgerChecks, LaterChecks):
     def __init__(self, editor: RomeEditor, ledger: Ledger, *, actor: str = "app", read_only: bool = False,
                  source: str | None = None) -> None:  # fmt: skip
         self.editor, self.ledger = editor, ledger
@@ -55,6 +56,7 @@ class EditService(BatchEdits, LedgerSync, LedgerChecks):
         # 0 also lifts the check that the edited prompt's answer names the target, which they cannot meet
         self.min_target_prob = float(os.environ.get("ROME_CHAT_MIN_TARGET_PROB", MIN_TARGET_PROB))
         self.completions = CompletionCache()  # probe answers per weight state: preview's reused by apply
+        self._jobs: dict = {}  # edit id -> its checks answered in the background (``LaterChecks``)
 
     # ----- reading -----------------------------------------------------------------------
     @property
@@ -162,7 +164,7 @@ class EditService(BatchEdits, LedgerSync, LedgerChecks):
     def apply(
         self, request: EditRequest, *, paraphrases: list[str] = (), neighbours: list[str] = (),  # type: ignore[assignment]
         note: str | None = None, author: str | None = None, allow_outlier: bool = False, force: bool = False,
-        progress: Progress | None = None, **overrides: Any,
+        progress: Progress | None = None, defer_checks: bool = False, **overrides: Any,
     ) -> ApplyResult:
         """Compute, check, record and apply an edit; supersede applied edits of the same subject and relation.
 
@@ -170,6 +172,8 @@ class EditService(BatchEdits, LedgerSync, LedgerChecks):
         applied edits less the ones it supersedes (a thread-local view; chats keep the live weights).
         When the edited prompt's greedy answer does not name the target, the edit is refused and
         recorded as such, unless ``force``: then it is applied and its probes record that it does not hold.
+        ``defer_checks``: only the edited prompt is checked before returning; the other checks (listed
+        in the result's ``pending``) are answered in the background and collected with ``checks``.
         """
         self._writable()
         prompts = self._probe_prompts(request, list(paraphrases), list(neighbours))
@@ -184,8 +188,12 @@ class EditService(BatchEdits, LedgerSync, LedgerChecks):
                 self.editor.validate(request, **overrides)
                 question = chat_question(request.subject, request.relation)  # the chat row: what users see
                 texts = [p for p, _ in prompts]  # the preview's answers are reused, unless the view hides old edits
+                state = weights_state(self.editor)
                 if old:
                     answers = complete_batch(self.model, self.tok, texts) + [answer(self.model, self.tok, question, "chat")]
+                elif defer_checks:  # the edited prompt's answer now; the others, unless remembered, in the background
+                    answers = self.completions.answers(self.editor, texts[:1]) + [
+                        self.completions.remembered(state, p, k) for p, k in [*prompts[1:], (question, "chat")]]  # fmt: skip
                 else:
                     answers = self.completions.answers(self.editor, texts) + self.completions.answers(
                         self.editor, [question], "chat")  # fmt: skip
@@ -196,7 +204,10 @@ class EditService(BatchEdits, LedgerSync, LedgerChecks):
                     self._refuse(request, str(err), actor, before[0][2])
                     raise ValueError(f"edit refused: {err}") from err
                 reason = self._guard(edit, allow_outlier)
-                probes = () if reason else self._after_probes(request, edit, before, old_edits)
+                now = before[:1] if defer_checks else before
+                probes = () if reason else self._after_probes(request, edit, now, old_edits)
+                pending = tuple(Probe(p, k, request.target if k != "neighbour" else b, b)  # type: ignore[arg-type]
+                                for p, k, b in before[len(now) :])  # a before of None: answered in the background  # fmt: skip
             if not reason and not probes[0].holds and not force and self.min_target_prob > 0:
                 reason = (f"the edited prompt still answers {probes[0].after!r}, which does not name {request.target!r}; "
                           "strengthen it (the form's Strengthen, the CLI's --strengthen), try another layer, or apply anyway (force)")  # fmt: skip
@@ -227,9 +238,11 @@ class EditService(BatchEdits, LedgerSync, LedgerChecks):
             except BaseException as err:
                 self._resync(f"apply of edit #{edit_id} failed: {err}", failed_id=edit_id)
                 raise
+            if pending:
+                self._defer_checks(edit_id, edit, probes, pending, state)
             if progress is not None:
                 progress("done", 1.0)
-            return ApplyResult(edit_id, self.ledger.get(edit_id), probes, tuple(r.id for r in old), edit.stats)
+            return ApplyResult(edit_id, self.ledger.get(edit_id), probes, tuple(r.id for r in old), edit.stats, pending)
 
     def _after_probes(self, request: EditRequest, edit: RankOneEdit, before: list[tuple[str, str, str]],
                       old: list[Applied]) -> tuple[Probe, ...]:  # fmt: skip

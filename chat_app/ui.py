@@ -147,10 +147,14 @@ def _wire_form(h: Handlers, f: SimpleNamespace, filters: list, views: list) -> N
         applied = button.click(fn, fields, [f.result, f.probes], api_name=name, **WEIGHTS)
         # Also after a refusal (it is in the ledger). No spinner: the result above already says the edit is done.
         applied.then(h.refresh_page, filters, views, show_progress="hidden", api_visibility="private")
-        applied.success(lambda *fields: ("", *h.preview(*fields)[:2]), fact, [f.conflict, f.completion, f.top],
-                        show_progress="hidden", api_visibility="private")  # fmt: skip  (the new answer, remembered by apply)
         applied.success(hidden, None, f.force, api_visibility="private", queue=False)
         applied.success(advise, f.result, f.strengthen, api_visibility="private", queue=False)
+        # The paraphrases, neighbours and chat row are answered in the background: fill them in when ready.
+        checked = applied.success(h.finish_checks, None, [f.result, f.probes], api_name=f"{name}_checks",
+                                  show_progress="hidden")  # fmt: skip  (the result and the table say "checking…")
+        checked.success(lambda *fields: ("", *h.preview(*fields)[:2]), fact, [f.conflict, f.completion, f.top],
+                        show_progress="hidden", api_visibility="private")  # fmt: skip  (the new answers, remembered)
+        checked.success(advise, f.result, f.strengthen, api_visibility="private", queue=False)
         if not h.service.read_only:  # a refusal offers to apply anyway or strengthened (the service decides)
             applied.failure(shown, None, f.force, api_visibility="private", queue=False)
             applied.failure(shown, None, f.strengthen, api_visibility="private", queue=False)

@@ -20,6 +20,7 @@ from editing import EditRequest
 from editing.defaults import STRENGTHENED
 
 if TYPE_CHECKING:
+    from chat_app.results import ApplyResult, Probe
     from chat_app.service import EditService
     from chat_app.warmup import StatsWarmup
 
@@ -109,11 +110,37 @@ def _apply_with(doc: str, **how: Any) -> Callable[..., tuple[str, pd.DataFrame]]
     return variant
 
 
+def session(request: gr.Request | None) -> str | None:
+    """Which browser tab (or API client) a call comes from."""
+    return getattr(request, "session_hash", None)
+
+
+def _result_text(result: ApplyResult, probes: tuple[Probe, ...], seconds: float, checked_s: float | None = None) -> str:
+    """An applied edit's result; while some checks are still being answered (``checked_s`` None) it says so."""
+    record = result.record
+    waiting = result.pending if checked_s is None else ()
+    applied = "applied, not holding" if record.not_holding else "applied"
+    text = [f"**Edit #{result.edit_id} {applied}** at layer {record.layer}: "
+            f"{render.fact_line(record.subject, record.relation, record.target)}",
+            f"{render.checks_summary(probes, waiting).capitalize()} · applied in {seconds:.1f} s"]  # fmt: skip
+    if checked_s is not None and result.pending:
+        text[-1] += f", checked in {checked_s:.1f} s"
+    if "target_prob" in result.stats:
+        text[-1] += f" · target probability {result.stats['target_prob']:.2f}"
+    if result.superseded:
+        text.append("Superseded " + ", ".join(f"edit #{i}" for i in result.superseded)
+                    + " (same subject and relation); re-apply it from History to go back.")  # fmt: skip
+    if not render.shows_in_answers(probes):
+        text.append(render.STRENGTHEN_ADVICE)
+    return "\n\n".join(text)
+
+
 class FormHandlers:
     """The form's handlers (a part of ``ui_handlers.Handlers``)."""
 
     service: EditService
     warmup: StatsWarmup | None
+    _awaiting: dict[str | None, tuple[ApplyResult, float, float]]  # per session: the applied edit whose checks run
 
     def request(self, subject: str, relation: str, target: str, layer: Any = None) -> EditRequest:
         chosen = None if layer is None or layer == "" else whole(layer, "layer")
@@ -161,7 +188,7 @@ class FormHandlers:
     ) -> tuple[str, pd.DataFrame]:  # fmt: skip
         """Apply the form's edit; ``force``: even if its own prompt does not hold after it ("Apply anyway");
         ``extra``: hyperparameters beyond the form's ("Strengthen")."""
-        author = signed_in(request)
+        author, request_info = signed_in(request), request
         request = self.request(subject, relation, target, layer)
         overrides = {**self.overrides(steps, lr, kl_factor), **(extra or {})}
         checks = (lines(paraphrases, "paraphrase"), lines(neighbours, "neighbour"))
@@ -173,20 +200,25 @@ class FormHandlers:
         with user_errors():
             result = self.service.apply(
                 request, paraphrases=checks[0], neighbours=checks[1], note=(note or "").strip() or None,
-                author=author, progress=report, force=force, **overrides,
+                author=author, progress=report, force=force, defer_checks=True, **overrides,
             )  # fmt: skip
-        applied = "applied, not holding" if result.record.not_holding else "applied"
-        text = [f"**Edit #{result.edit_id} {applied}** at layer {result.record.layer}: "
-                f"{render.fact_line(request.subject, request.relation, request.target)}",
-                f"{render.checks_summary(result.probes).capitalize()} · {time.perf_counter() - t0:.1f} s"]  # fmt: skip
-        if "target_prob" in result.stats:
-            text[-1] += f" · target probability {result.stats['target_prob']:.2f}"
-        if result.superseded:
-            text.append("Superseded " + ", ".join(f"edit #{i}" for i in result.superseded)
-                        + " (same subject and relation); re-apply it from History to go back.")  # fmt: skip
-        if not render.shows_in_answers(result.probes):
-            text.append(render.STRENGTHEN_ADVICE)
-        return "\n\n".join(text), render.probes_frame(result.probes)
+        seconds = time.perf_counter() - t0
+        self._awaiting[session(request_info)] = (result, seconds, t0)
+        pending = [{"kind": p.kind, "prompt": p.prompt, "expected": p.expected or "its answer before",
+                    "before": "checking…" if p.before is None else p.before, "after": "checking…", "holds": None}
+                   for p in result.pending]  # fmt: skip
+        return _result_text(result, result.probes, seconds), render.probes_frame([*result.probes, *pending])
+
+    def finish_checks(self, request: gr.Request | None = None) -> tuple[str, pd.DataFrame]:
+        """The last applied edit's result with every check answered (the paraphrases, neighbours and chat row
+        are answered in the background after Apply returns)."""
+        entry = self._awaiting.pop(session(request), None)
+        if entry is None:
+            raise gr.Error("No applied edit is waiting for its checks.")
+        result, seconds, t0 = entry
+        probes = self.service.checks(result.edit_id)
+        text = _result_text(result, probes, seconds, checked_s=time.perf_counter() - t0)
+        return text, render.probes_frame(probes)
 
     strengthen = _apply_with('"Strengthen": the form\'s edit with the settings that carry it into the greedy answer '
                              "and the chat reply.", extra=STRENGTHENED)  # fmt: skip

@@ -51,6 +51,7 @@ class Handlers(FormHandlers):
     def __init__(self, service: EditService, warmup: StatsWarmup | None = None) -> None:
         self.service, self.warmup = service, warmup
         self._exports: Path | None = None  # one folder for this app's export files, removed at exit
+        self._awaiting = {}  # per session: the applied edit whose remaining checks run (``FormHandlers.finish_checks``)
 
     def close(self) -> None:
         """Remove the export folder and what it holds."""

@@ -170,8 +170,14 @@ def _number(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else esc(value)
 
 
-def checks_summary(probes: Sequence[Any]) -> str:
-    """What the checks at apply time say, by kind: never "1/1 checks hold" when only the edited prompt was asked."""
+NONE_CHECKED = "no paraphrases or neighbours were checked"
+
+
+def checks_summary(probes: Sequence[Any], pending: Sequence[Any] = ()) -> str:
+    """What the checks at apply time say, by kind: never "1/1 checks hold" when only the edited prompt was asked.
+
+    ``pending``: checks still being answered, named instead of counted.
+    """
     parts = []
     for kind, label, verb in (("edited", "edited prompt", "gives the new object"),
                               ("paraphrase", "paraphrases", "give the new object"),
@@ -181,8 +187,11 @@ def checks_summary(probes: Sequence[Any]) -> str:
             parts.append(f"the edited prompt {'gives the new object ✓' if chosen[0].holds else 'does not give it yet ✗'}")
         elif chosen:
             parts.append(f"{label} {sum(p.holds for p in chosen)}/{len(chosen)} {verb}")
-    if len(parts) == 1:
-        parts.append("no paraphrases or neighbours were checked")
+    if len(parts) == 1 and not any(p.kind in ("paraphrase", "neighbour") for p in pending):
+        parts.append(NONE_CHECKED)
+    if pending:
+        kinds = {"paraphrase": "paraphrases", "neighbour": "neighbours", "chat": "the chat reply"}
+        parts.append("checking " + ", ".join(dict.fromkeys(kinds.get(p.kind, p.kind) for p in pending)) + "…")
     chat = [p for p in probes if p.kind == "chat" and p.after]
     if chat:
         parts.append(f"the chat reply {'names the new object ✓' if chat[0].holds else 'does not name it yet ✗'}")

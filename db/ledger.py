@@ -200,6 +200,15 @@ class Ledger(LedgerBatches, LedgerReads, durability.LedgerFiles):
             s.add(Event(edit_id=edit_id, kind="repaired" if repaired else "applied", actor=actor, detail=detail))
             return end
 
+    def add_probes(self, edit_id: int, probes: list[dict[str, Any]]) -> None:
+        """Append checks answered after the edit was applied (the form's checks beyond its own prompt)."""
+        clean = validate_probes(probes)
+        with self._write.begin() as s:
+            row = s.get(Edit, edit_id)
+            if row is None or row.status in ("pending", "refused"):
+                raise LedgerError(f"edit #{edit_id} is not an applied edit, so no checks can be added to it")
+            row.probes_json = [*(row.probes_json or []), *clean]
+
     def record_imported(self, entries: Sequence[Mapping[str, Any]], actor: str | None = None) -> list[int]:
         """Record edits already applied to the weights, in order, as one transaction; return their ids.
 

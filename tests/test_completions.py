@@ -76,4 +76,4 @@ def test_the_cache_forgets_the_oldest_answers_beyond_its_size() -> None:
     cache = CompletionCache(max_items=2)
     for n in range(3):
         cache.put((), f"p{n}", f"a{n}")
-    assert cache._get((), "p0") is None and cache._get((), "p2") == "a2"  # noqa: SLF001
+    assert cache.remembered((), "p0") is None and cache.remembered((), "p2") == "a2"

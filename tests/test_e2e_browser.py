@@ -136,6 +136,9 @@ def test_correct_a_fact_see_it_in_chat_and_history_then_revert(page: object) -> 
     result = wait_for_text(page.locator("#form-result"), "applied", EDIT_TIMEOUT_S)
     assert "Edit #1 applied" in result and "no paraphrases or neighbours were checked" in result
     wait_for_text(page.locator("#banner"), "1 edit active", 60)  # refreshed right after the result
+    result = wait_for_text(page.locator("#form-result"), "checked in", 120)  # the chat row, answered next
+    assert "checking" not in result and "the chat reply" in result
+    assert "checking" not in page.locator("#form-probes").inner_text()
     no_spinner(page, 30)
     shot(page, "2-correct-a-fact")
 

@@ -1,6 +1,7 @@
 """The service keeps weights and ledger in step: crashes, reverts, supersede, transfer, threads."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -33,6 +34,30 @@ def test_apply_is_recorded_and_survives_restart(ledger_path) -> None:  # type: i
     assert not same(state(svc), base)
     assert same(state(start(ledger_path)), state(svc))
     assert [e.kind for e in svc.events(result.edit_id)] == ["applied"]
+
+
+def test_deferred_checks_equal_the_checks_at_apply_time(ledger_path) -> None:  # type: ignore[no-untyped-def]
+    checks = {"paraphrases": ["The Eiffel tower is in"], "neighbours": ["The Colosseum is in"]}
+    now = start(ledger_path).apply(A, **checks)
+    svc = start(ledger_path.with_name("other.db"))  # nothing remembered: the befores are answered in the background
+    later = svc.apply(A, defer_checks=True, **checks)
+    assert [p.kind for p in later.probes] == ["edited"] and [p.kind for p in later.pending] == ["paraphrase", "neighbour", "chat"]
+    assert all(p.after == "" and p.before is None for p in later.pending)
+    answered = svc.checks(later.edit_id, timeout_s=60)
+    assert [p.to_dict() for p in answered] == [p.to_dict() for p in now.probes]  # the same answers, only later
+    assert [p["kind"] for p in svc.record(later.edit_id).probes] == ["edited", "paraphrase", "neighbour", "chat"]
+    # Answered after another edit was applied, they still describe the weights right after this one.
+    pending = tuple(dataclasses.replace(p, after="") for p in answered[1:])
+    edit = svc._edits[later.edit_id]
+    svc.apply(EditRequest(A.subject, "{} is in", "paris"), force=True, lr=5.0, steps=60, clamp_factor=100.0,
+              norm_penalty=0.0, kl_factor=0.0)  # a strong edit of the same subject: its answers move
+    live = svc.apply(EditRequest("The Louvre", "{} is in", "oslo"), paraphrases=checks["paraphrases"],
+                     neighbours=checks["neighbours"]).probes  # the live weights' answers to the same prompts  # fmt: skip
+    again = svc.answer_pending(later.edit_id, edit, pending)
+    assert [p.after for p in again] == [p.after for p in answered[1:]]
+    assert [p.after for p in live[1:3]] != [p.after for p in again[:2]]  # so the view hid them
+    svc.revert(later.edit_id)  # no longer applied: nothing to answer
+    assert svc.answer_pending(later.edit_id, edit, pending) == ()
 
 
 def _break(monkeypatch, target, name):  # type: ignore[no-untyped-def]

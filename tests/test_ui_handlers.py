@@ -277,6 +277,11 @@ def test_strengthen_records_its_settings_supersedes_and_the_result_tells_what_sh
     apply(h)
     hp = service.editor.hparams
     strong, probes = h.strengthen("The Eiffel Tower", RELATION, "Rome", "", "", 1, hp.steps, hp.lr, hp.kl_factor, None)
+    # Apply returns once the edited prompt is checked; the chat row is answered in the background ...
+    assert "checking the chat reply…" in strong and "no paraphrases" not in strong
+    assert probes[probes["check"] == "chat"]["after"].tolist() == ["checking…"]
+    strong, probes = h.finish_checks()  # ... and filled in here
+    assert "checking" not in strong and "checked in" in strong
     record = service.record(2)
     assert {k: record.hparams[k] for k in STRENGTHENED} == STRENGTHENED
     assert service.record(1).status == "superseded" and "Superseded edit #1" in strong
