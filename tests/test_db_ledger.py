@@ -257,3 +257,16 @@ def test_conflicting_applies_end_with_exactly_one(ledger: Ledger) -> None:
     assert ledger.applied_ids() == [a] and ledger.get(b).status == "pending"
     ledger.mark_applied(b, meta_b["checksum_after"], supersedes=[a])  # seen and superseded: fine
     assert ledger.applied_ids() == [b] and ledger.get(a).status == "superseded"
+
+
+def test_checks_answered_later_are_appended_to_an_applied_edit(ledger: Ledger) -> None:
+    meta, factors = make_payload()
+    edit_id = ledger.record_pending(meta, factors, PROBES[:1])
+    with pytest.raises(LedgerError, match="not an applied edit"):
+        ledger.add_probes(edit_id, PROBES[1:])  # pending: not yet
+    ledger.mark_applied(edit_id, meta["checksum_after"], probes=PROBES[:1])
+    ledger.add_probes(edit_id, PROBES[1:])
+    assert list(ledger.get(edit_id).probes) == PROBES
+    with pytest.raises(LedgerError):
+        ledger.add_probes(edit_id, [{"prompt": 3}])  # validated like any probes
+    assert list(ledger.get(edit_id).probes) == PROBES
