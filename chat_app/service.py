@@ -9,9 +9,7 @@ lets chats run beside edit computations but never beside a weight change.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import statistics
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,27 +20,24 @@ from chat_app.probes import (
     REPETITION_PENALTY, TopToken, answer, chat_question, stream_chat, top_next,
 )
 from chat_app.checks import LedgerChecks
+from chat_app.guards import MAX_NOTE_CHARS, MIN_TARGET_PROB, EditGuards
 from chat_app.later_checks import LaterChecks
 from chat_app.results import ApplyResult, Probe
 from chat_app.batch_service import BatchEdits
 from chat_app.sync import LedgerSync, decode_record
 from db import EditRecord, EventRecord, Ledger, LedgerError
 from editing import EditRequest, RankOneEdit, RomeEditor
-from editing.arch import mlp_out_param_name
 from editing.fact_payload import Applied, shares
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
-OUTLIER_FACTOR = 20.0  # an update norm this many times the median of applied ones needs an override
-MIN_TARGET_PROB = 0.05  # below this after optimisation the edit did not take: refused
-MAX_NOTE_CHARS = 500  # as the form's note box; the API and the CLI are held to it here
 
 
 class ReadOnlyError(PermissionError):
     """The app runs read-only: edits, reverts and imports are refused."""
 
 
-class EditService(BatchEdits, LedgerSync, LedgerChecks, LaterChecks):
+class EditService(EditGuards, BatchEdits, LedgerSync, LedgerChecks, LaterChecks):
     def __init__(self, editor: RomeEditor, ledger: Ledger, *, actor: str = "app", read_only: bool = False,
                  source: str | None = None) -> None:  # fmt: skip
         self.editor, self.ledger = editor, ledger
@@ -122,44 +117,6 @@ class EditService(BatchEdits, LedgerSync, LedgerChecks, LaterChecks):
     def _writable(self) -> None:
         if self.read_only:
             raise ReadOnlyError("this app runs read-only: edits, reverts and imports are disabled")
-
-    def _probe_prompts(self, request: EditRequest, paraphrases: list[str], neighbours: list[str]) -> list[tuple[str, str]]:
-        prompts = [(request.prompt, "edited")]
-        prompts += [(p.strip(), "paraphrase") for p in paraphrases if p.strip()]
-        prompts += [(p.strip(), "neighbour") for p in neighbours if p.strip()]
-        for prompt, _ in prompts:
-            if len(prompt) > 500:
-                raise ValueError("probe prompts are limited to 500 characters")
-        return prompts
-
-    def _guard(self, edit: RankOneEdit, allow_outlier: bool) -> str | None:
-        """Why ``edit`` must be refused, or None."""
-        reason = self._unsafe(edit, allow_outlier)
-        if reason is None and edit.stats.get("target_prob", 1.0) < self.min_target_prob:
-            return f"the optimisation did not reach the target (probability {edit.stats['target_prob']:.3f})"
-        return reason
-
-    def _unsafe(self, edit: Applied, allow_outlier: bool) -> str | None:
-        """Why adding ``edit``'s update (each share of a batch fact) to the weights is unsafe (non-finite, or an outlier), or None."""
-        norms = [e.update_norm for e in self.editor.applied]
-        for share in shares(edit):
-            if not math.isfinite(share.update_norm):
-                return "the update has non-finite values (its norm overflows float32)"
-            if len(norms) >= 3 and not allow_outlier:
-                median = statistics.median(norms)
-                if share.update_norm > OUTLIER_FACTOR * median:
-                    return (f"update norm {share.update_norm:.3g} is over {OUTLIER_FACTOR:g}× the median of applied "
-                            f"edits ({median:.3g}); apply with the override if this is intended")  # fmt: skip
-        return None
-
-    def _misfit(self, edit: Applied) -> str | None:
-        """Why an edit from elsewhere (a file) does not describe this model's parameters, or None."""
-        for share in shares(edit):
-            if not 0 <= share.layer < self.editor.n_layers:
-                return f"layer {share.layer} is out of range; this model has layers 0 to {self.editor.n_layers - 1}"
-            if share.param_name != mlp_out_param_name(self.model, share.layer):
-                return f"it names layer {share.layer} but rewrites {share.param_name}"
-        return None
 
     def apply(
         self, request: EditRequest, *, paraphrases: list[str] = (), neighbours: list[str] = (),  # type: ignore[assignment]
@@ -258,15 +215,6 @@ class EditService(BatchEdits, LedgerSync, LedgerChecks, LaterChecks):
         state = weights_state(self.editor)
         for probe in probes:
             self.completions.put(state, probe.prompt, probe.after, "chat" if probe.kind == "chat" else "complete")
-
-    def _refuse(self, request: EditRequest, reason: str, actor: str, answer_before: str) -> None:
-        meta = {"subject": request.subject, "relation": request.relation, "target": request.target,
-                "layer": request.layer if request.layer is not None else self.editor.hparams.layer,
-                "param_name": "", "fingerprint": self.editor.fingerprint, "hparams": self.editor.hparams.to_dict()}  # fmt: skip
-        try:
-            self.ledger.record_refused(meta, reason, None, author=actor, answer_before=answer_before)
-        except (LedgerError, ValueError) as err:
-            log.warning("could not record the refused edit: %s", err)
 
     def revert(self, edit_id: int, actor: str | None = None) -> EditRecord:
         """Remove an applied edit, in any order (its parameter is rebuilt from the baseline)."""

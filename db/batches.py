@@ -1,4 +1,5 @@
-"""The ledger's batch writes: the facts of one MEMIT batch recorded, reverted or re-applied in one transaction.
+"""The ledger's many-row writes, each one transaction: a MEMIT batch's facts recorded, reverted or
+re-applied; edits imported from a file recorded.
 
 Each fact of a batch is an edit of its own (its own row, factors and audit trail); the batch
 columns (``batch_id``, ``batch_index``, ``batch_size``, from the fact's meta) group them. Every
@@ -71,6 +72,24 @@ class LedgerBatches:
                 s.add(Event(edit_id=row.id, kind="refused" if refused else "applied", actor=actor, detail=detail))
             return [row.id for row in rows]
 
+    def record_imported(self, entries: Sequence[Mapping[str, Any]], actor: str | None = None) -> list[int]:
+        """Record edits already applied to the weights, in order, as one transaction; return their ids.
+
+        Each entry: ``meta`` and ``factors`` (required), ``probes``, ``note``, ``author``,
+        ``answer_before``, ``answer_after``, ``state_checksum`` (optional). All or none are
+        recorded; each gets an 'imported' event. Duplicates are the caller's to skip
+        (``is_duplicate``).
+        """
+        rows = [_imported_row(i, entry) for i, entry in enumerate(entries)]
+        with self._write.begin() as s:
+            for row in rows:
+                self._check_model(s, row.fingerprint)
+                row.position = next_position(s)
+                s.add(row)
+                s.flush()
+                s.add(Event(edit_id=row.id, kind="imported", actor=actor, detail=f"position {row.position}"))
+            return [row.id for row in rows]
+
     def mark_reverted_many(self, edit_ids: Sequence[int], actor: str | None = None, detail: str | None = None) -> None:
         """Applied -> reverted for every edit of ``edit_ids``, in one transaction (see ``mark_reverted``)."""
         with self._write.begin() as s:
@@ -136,3 +155,19 @@ def _supersede(s: Session, rows: Sequence[Edit], supersedes: Sequence[int], acto
         if new_id is None:
             raise LedgerError(f"edit #{old_id} is not a fact of this batch, so the batch cannot supersede it")
         supersede_row(s, old, new_id, actor)
+
+
+def _imported_row(i: int, entry: Mapping[str, Any]) -> Edit:
+    """A validated 'applied' row (position still unset) from one ``record_imported`` entry."""
+    if not isinstance(entry, Mapping) or "meta" not in entry or entry.get("factors") is None:
+        raise LedgerError(f"imported edit {i} needs 'meta' and 'factors'")
+    try:
+        clean = validate_meta(entry["meta"], entry["factors"])
+        state = entry.get("state_checksum")
+        row = new_row(clean, bytes(entry["factors"]), "applied", validate_probes(entry.get("probes")),
+                      entry.get("note"), entry.get("author"))
+        row.state_checksum = None if state is None else check_hex64(state, "state_checksum")
+    except LedgerError as err:
+        raise LedgerError(f"imported edit {i}: {err}") from err
+    row.answer_before, row.answer_after = entry.get("answer_before"), entry.get("answer_after")
+    return row

@@ -209,24 +209,6 @@ class Ledger(LedgerBatches, LedgerReads, durability.LedgerFiles):
                 raise LedgerError(f"edit #{edit_id} is not an applied edit, so no checks can be added to it")
             row.probes_json = [*(row.probes_json or []), *clean]
 
-    def record_imported(self, entries: Sequence[Mapping[str, Any]], actor: str | None = None) -> list[int]:
-        """Record edits already applied to the weights, in order, as one transaction; return their ids.
-
-        Each entry: ``meta`` and ``factors`` (required), ``probes``, ``note``, ``author``,
-        ``answer_before``, ``answer_after``, ``state_checksum`` (optional). All or none are
-        recorded; each gets an 'imported' event. Duplicates are the caller's to skip
-        (``is_duplicate``).
-        """
-        rows = [_imported_row(i, entry) for i, entry in enumerate(entries)]
-        with self._write.begin() as s:
-            for row in rows:
-                self._check_model(s, row.fingerprint)
-                row.position = next_position(s)
-                s.add(row)
-                s.flush()
-                s.add(Event(edit_id=row.id, kind="imported", actor=actor, detail=f"position {row.position}"))
-            return [row.id for row in rows]
-
     def mark_failed(self, edit_id: int, reason: str, actor: str | None = None, repaired: bool = False) -> None:
         """Pending -> failed (it never took effect, or was rolled back), with the reason."""
         _require_text(reason, "reason")
@@ -337,19 +319,3 @@ def _refuse_unseen_conflicts(s: Session, row: Edit, supersedes: Sequence[int]) -
 def _require_text(value: object, field: str) -> None:
     if not isinstance(value, str) or not value.strip():
         raise LedgerError(f"{field} must be non-empty text explaining why")
-
-
-def _imported_row(i: int, entry: Mapping[str, Any]) -> Edit:
-    """A validated 'applied' row (position still unset) from one ``record_imported`` entry."""
-    if not isinstance(entry, Mapping) or "meta" not in entry or entry.get("factors") is None:
-        raise LedgerError(f"imported edit {i} needs 'meta' and 'factors'")
-    try:
-        clean = validate_meta(entry["meta"], entry["factors"])
-        state = entry.get("state_checksum")
-        row = new_row(clean, bytes(entry["factors"]), "applied", validate_probes(entry.get("probes")),
-                      entry.get("note"), entry.get("author"))
-        row.state_checksum = None if state is None else check_hex64(state, "state_checksum")
-    except LedgerError as err:
-        raise LedgerError(f"imported edit {i}: {err}") from err
-    row.answer_before, row.answer_after = entry.get("answer_before"), entry.get("answer_after")
-    return row
