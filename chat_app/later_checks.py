@@ -60,8 +60,8 @@ class LaterChecks:
         for old in [i for i, job in self._jobs.items() if job.done.is_set()][: max(0, len(self._jobs) - KEEP_JOBS)]:
             del self._jobs[old]
         job = self._jobs[edit_id] = _Job(first)
-        threading.Thread(target=self._run_job, args=(edit_id, edit, pending, state, job), name=f"checks-{edit_id}",
-                         daemon=True).start()  # fmt: skip
+        # Not a daemon: a process that exits meanwhile waits for these few seconds rather than killing a forward pass.
+        threading.Thread(target=self._run_job, args=(edit_id, edit, pending, state, job), name=f"checks-{edit_id}").start()
 
     def _run_job(self, edit_id: int, edit: RankOneEdit, pending: tuple[Probe, ...], state: State, job: _Job) -> None:
         try:

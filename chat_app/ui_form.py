@@ -188,8 +188,8 @@ class FormHandlers:
     ) -> tuple[str, pd.DataFrame]:  # fmt: skip
         """Apply the form's edit; ``force``: even if its own prompt does not hold after it ("Apply anyway");
         ``extra``: hyperparameters beyond the form's ("Strengthen")."""
-        author, request_info = signed_in(request), request
-        request = self.request(subject, relation, target, layer)
+        author = signed_in(request)
+        fact = self.request(subject, relation, target, layer)
         overrides = {**self.overrides(steps, lr, kl_factor), **(extra or {})}
         checks = (lines(paraphrases, "paraphrase"), lines(neighbours, "neighbour"))
         progress(0.0, desc="Checking the request and the answers before the edit")
@@ -199,11 +199,11 @@ class FormHandlers:
             self.warmup.wait(lambda _stage, fraction: report("waiting", fraction))
         with user_errors():
             result = self.service.apply(
-                request, paraphrases=checks[0], neighbours=checks[1], note=(note or "").strip() or None,
+                fact, paraphrases=checks[0], neighbours=checks[1], note=(note or "").strip() or None,
                 author=author, progress=report, force=force, defer_checks=True, **overrides,
             )  # fmt: skip
         seconds = time.perf_counter() - t0
-        self._awaiting[session(request_info)] = (result, seconds, t0)
+        self._awaiting[session(request)] = (result, seconds, t0)
         pending = [{"kind": p.kind, "prompt": p.prompt, "expected": p.expected or "its answer before",
                     "before": "checking…" if p.before is None else p.before, "after": "checking…", "holds": None}
                    for p in result.pending]  # fmt: skip

@@ -278,7 +278,7 @@ def test_strengthen_records_its_settings_supersedes_and_the_result_tells_what_sh
     hp = service.editor.hparams
     strong, probes = h.strengthen("The Eiffel Tower", RELATION, "Rome", "", "", 1, hp.steps, hp.lr, hp.kl_factor, None)
     # Apply returns once the edited prompt is checked; the chat row is answered in the background ...
-    assert "checking the chat reply…" in strong and "no paraphrases" not in strong
+    assert "no paraphrases or neighbours were checked; checking the chat reply…" in strong
     assert probes[probes["check"] == "chat"]["after"].tolist() == ["checking…"]
     strong, probes = h.finish_checks()  # ... and filled in here
     assert "checking" not in strong and "checked in" in strong
