@@ -53,6 +53,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     edit.add_argument("--strengthen", action="store_true",
                       help="for an edit that does not show in the answer: "
                       + ", ".join(f"{k}={v}" for k, v in STRENGTHENED.items()))  # fmt: skip
+    edit.add_argument("--update", choices=("r-rome", "alphaedit"),
+                      help="the update rule (default: the model's, r-ROME); alphaedit keeps more of the neighbourhood "
+                      "over long sequences of corrections (README, Many corrections)")  # fmt: skip
     edit.add_argument("--json", action="store_true")
     history = sub.add_parser("history", help="list the ledger")
     history.add_argument("--status")
@@ -147,7 +150,8 @@ def run_command(args: argparse.Namespace, service: EditService) -> int:
         request = EditRequest(args.subject, args.relation, args.target, args.layer)
         result = service.apply(request, paraphrases=args.paraphrase, neighbours=args.neighbour, note=args.note,
                                allow_outlier=args.force, force=args.force, progress=_progress,
-                               **(STRENGTHENED if args.strengthen else {}))  # fmt: skip
+                               **(STRENGTHENED if args.strengthen else {}),
+                               **({"update": args.update} if args.update else {}))  # fmt: skip
         data = {**_row(result.record), "superseded": list(result.superseded), "stats": result.stats,
                 "probes": [p.to_dict() for p in result.probes]}  # fmt: skip
         text = _table([p.to_dict() for p in result.probes], ["kind", "prompt", "before", "after", "holds"])

@@ -55,6 +55,18 @@ def test_cli_edit_history_revert_reapply_verify_export_import(run, tmp_path) -> 
     assert code == 0 and json.loads(out) == {"imported": [], "skipped": 1, "ignored": 0}
 
 
+def test_cli_edit_chooses_the_update_rule(run) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run("edit", "--subject", "The Colosseum", "--relation", "Located in {}", "--target", "oslo",
+                       "--update", "alphaedit")  # fmt: skip
+    # AlphaEdit reached the engine: the tiny model's statistics have no eigenvalue below its threshold
+    assert code == 2 and "null-space threshold" in err
+    code, out, _ = run("edit", "--subject", "Big Ben", "--relation", "Located in {}", "--target", "rome", "--json")
+    assert code == 0 and "cache_keys" not in json.loads(out)["stats"]  # the default: r-ROME, no key cache
+    assert [r["subject"] for r in json.loads(run("history", "--json")[1])] == ["Big Ben"]  # the refusal changed nothing
+    with pytest.raises(SystemExit):  # a batch rule, not one for a single edit: argparse refuses it
+        run("edit", "--subject", "x", "--relation", "{} y", "--target", "z", "--update", "memit")
+
+
 def test_cli_errors_exit_non_zero_with_a_message(run) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run("edit", "--subject", "x", "--relation", "no slot", "--target", "y")
     assert code == 2 and "exactly one {}" in err
