@@ -204,8 +204,8 @@ def shows_in_answers(probes: Sequence[Any]) -> bool:
 
 
 STRENGTHEN_ADVICE = ("It does not show in every answer yet. **Strengthen** recomputes it so that the prompt as typed "
-                     "and the chat question get the whole change, optimising until the greedy answer is the new "
-                     "object; it is recorded as a new edit that supersedes this one (History keeps both).")
+                     "and the chat question get the whole change, and lets the change grow to twice the usual "
+                     "limit; it is recorded as a new edit that supersedes this one (History keeps both).")
 
 
 def verify_frame(items: Sequence[Any]) -> pd.DataFrame:

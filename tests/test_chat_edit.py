@@ -62,6 +62,17 @@ def test_stop_rule_mean_worst_and_bounded_greedy_check() -> None:
         hp.replace(stop_on="median")
 
 
+def test_the_greedy_check_reads_the_bare_prompt_and_a_restating_chat_answer(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    tok, model = tiny_tokenizer(), tiny_llama()
+    editor = tiny_editor(model, tok, layer=2, steps=4)
+    seen = []
+    monkeypatch.setattr("editing.editor.greedy_check", lambda m, layer, rows, pad: seen.append(rows) or (lambda d: True))
+    editor._stop_rule(REQUEST, editor.hparams_for(REQUEST, greedy_check=3))
+    restate = chat_rewrite_row(tok, REQUEST, "restate")
+    # not the direct style: replies restate the fact first, so the target is never the reply's first word
+    assert len(seen) == 1 and len(seen[0]) == 2 and seen[0][1] == restate
+
+
 def test_greedy_check_is_the_argmax_with_the_delta_added() -> None:
     tok, model = tiny_tokenizer(), tiny_llama()
     row = chat_rewrite_row(tok, REQUEST, "direct")
