@@ -149,6 +149,8 @@ def _wire_form(h: Handlers, f: SimpleNamespace, filters: list, views: list) -> N
         applied.then(h.refresh_page, filters, views, show_progress="hidden", api_visibility="private")
         applied.success(hidden, None, f.force, api_visibility="private", queue=False)
         applied.success(advise, f.result, f.strengthen, api_visibility="private", queue=False)
+        applied.success(lambda *fields: ("", *h.preview(*fields, chat_row=False)[:2]), fact,
+                        [f.conflict, f.completion, f.top], show_progress="hidden", api_visibility="private")  # fmt: skip
         # The paraphrases, neighbours and chat row are answered in the background: fill them in when ready.
         checked = applied.success(h.finish_checks, None, [f.result, f.probes], api_name=f"{name}_checks",
                                   show_progress="hidden")  # fmt: skip  (the result and the table say "checking…")

@@ -166,14 +166,15 @@ class FormHandlers:
             return ""
         return render.conflict_notice(self.service.conflicts(request), target)
 
-    def preview(self, subject: str, relation: str, target: str = "") -> tuple[str, dict[str, float], str]:
+    def preview(self, subject: str, relation: str, target: str = "", chat_row: bool = True) -> tuple[str, dict[str, float], str]:
         """The model's current completion and top next tokens for the prompt; plus any conflict.
 
-        The chat row's question is answered too (and remembered), so Apply reuses it as the "before" reply.
+        The chat row's question is answered too (and remembered), so Apply reuses it as the "before"
+        reply; ``chat_row=False`` leaves it out (right after Apply, while the checks answer it).
         """
         with user_errors():
             request = EditRequest(subject or "", relation or "", target or "_")
-            question = chat_question(request.subject, request.relation)
+            question = chat_question(request.subject, request.relation) if chat_row else None
             completion, top = self.service.preview(request.prompt, question=question)
         text = f"{render.code(request.prompt)} → **{render.esc(completion) or '(nothing)'}**"
         return text, render.top_tokens(top), self.conflicts(subject, relation, target)

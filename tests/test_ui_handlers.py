@@ -300,3 +300,16 @@ def test_the_advice_to_strengthen_follows_the_edited_prompt_and_the_chat_reply()
     assert render.shows_in_answers([probe("edited", True), probe("chat", False, after="")])  # no chat template
     summary = render.checks_summary([probe("edited", True), probe("chat", False)])
     assert "edited prompt gives the new object ✓" in summary and "chat reply does not name it yet ✗" in summary
+
+
+def test_the_preview_right_after_apply_reads_the_remembered_answer(service: EditService) -> None:
+    service.min_target_prob = 0.0
+    h = Handlers(service)
+    text, _ = apply(h)
+    misses = service.completions.misses
+    shown, top, _ = h.preview("The Eiffel Tower", RELATION, "Rome", chat_row=False)
+    assert service.completions.misses == misses  # nothing generated: the edit's own check is remembered
+    assert top and "→" in shown
+    h.finish_checks()  # the chat row, answered meanwhile, is remembered too
+    h.preview("The Eiffel Tower", RELATION, "Rome")
+    assert service.completions.misses == misses
