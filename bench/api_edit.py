@@ -56,11 +56,9 @@ def instrument(service: Any) -> None:
     from chat_app import ui_handlers
 
     import chat_app.completions as completions_mod
-    import chat_app.later_checks as later_mod
 
     for module, name in ((service_mod, "complete"), (service_mod, "complete_batch"), (service_mod, "answer"),
-                         (completions_mod, "complete_batch"), (completions_mod, "answer"),
-                         (later_mod, "complete_batch"), (later_mod, "answer")):  # fmt: skip
+                         (completions_mod, "complete_batch"), (completions_mod, "answer")):  # fmt: skip
         if hasattr(module, name):  # the outermost generation calls only, so nothing is counted twice
             setattr(module, name, timed("probes", getattr(module, name)))
     editor_mod.tensor_checksum = timed("checksums", editor_mod.tensor_checksum)

@@ -162,7 +162,7 @@ class BatchEdits:
             afters = [complete_batch(self.model, self.tok, [p for p, _ in ps]) for ps in prompts]
         finally:
             self.editor.revert(batch)
-        return [[Probe(p, k, r.target if k != "neighbour" else b, b, a) for (p, k), b, a in zip(ps, bs, As)]
+        return [[Probe.of(p, k, r.target, b, a) for (p, k), b, a in zip(ps, bs, As)]
                 for r, ps, bs, As in zip(requests, prompts, befores, afters)]  # fmt: skip
 
     def revert_batch(self, batch_id: str, actor: str | None = None) -> list[EditRecord]:

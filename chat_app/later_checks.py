@@ -12,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from chat_app.completions import CompletionCache, State, complete_batch
+from chat_app.completions import CompletionCache, State
 from chat_app.locks import RWLock
-from chat_app.probes import answer
 from chat_app.results import Probe
 from db import Ledger
 from editing import RankOneEdit, RomeEditor
@@ -36,7 +35,7 @@ class _Job:
 
 def _with_before(probe: Probe, before: str) -> Probe:
     """A neighbour is expected to keep its answer before the edit."""
-    return dataclasses.replace(probe, before=before, expected=before if probe.kind == "neighbour" else probe.expected)
+    return Probe.of(probe.prompt, probe.kind, probe.expected, before)
 
 
 class LaterChecks:
@@ -49,6 +48,7 @@ class LaterChecks:
     tok: Any
     _jobs: dict[int, _Job]
     completions: CompletionCache
+    _answers: Callable[[Sequence[Probe]], list[str]]  # the service's: each probe's answer in this thread's view
 
     def _defer_checks(self, edit_id: int, edit: RankOneEdit, first: tuple[Probe, ...], pending: tuple[Probe, ...],
                       state: State) -> None:  # fmt: skip
@@ -71,11 +71,6 @@ class LaterChecks:
             job.error = err
         finally:
             job.done.set()
-
-    def _answers(self, probes: Sequence[Probe]) -> list[str]:
-        """What the model in this thread's view says to each probe (the completions as one batch), in order."""
-        plain = iter(complete_batch(self.model, self.tok, [p.prompt for p in probes if p.kind != "chat"]))
-        return [answer(self.model, self.tok, p.prompt, "chat") if p.kind == "chat" else next(plain) for p in probes]
 
     def answer_pending(self, edit_id: int, edit: RankOneEdit, pending: tuple[Probe, ...],
                        state: State | None = None) -> tuple[Probe, ...]:  # fmt: skip
@@ -116,5 +111,4 @@ class LaterChecks:
                 raise RuntimeError(f"the checks of edit #{edit_id} failed: {job.error}") from job.error
             return job.probes
         record = self.ledger.get(edit_id)
-        return tuple(Probe(p["prompt"], p["kind"], p["expected"], p.get("before", ""), p.get("after", ""))
-                     for p in record.probes)  # fmt: skip
+        return tuple(Probe.from_dict(p) for p in record.probes)

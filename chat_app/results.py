@@ -13,8 +13,17 @@ class Probe:
     prompt: str
     kind: str  # edited / paraphrase / neighbour
     expected: str  # the target, or for a neighbour its answer before the edit
-    before: str
+    before: str | None  # None: still to be answered (``EditService.checks``)
     after: str = ""
+
+    @classmethod
+    def of(cls, prompt: str, kind: str, target: str, before: str | None, after: str = "") -> Probe:
+        """A check of an edit to ``target``: a neighbour is expected to keep its answer before the edit."""
+        return cls(prompt, kind, target if kind != "neighbour" else before, before, after)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, probe: dict[str, Any]) -> Probe:
+        return cls(probe["prompt"], probe["kind"], probe["expected"], probe.get("before", ""), probe.get("after", ""))
 
     @property
     def holds(self) -> bool:

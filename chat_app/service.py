@@ -8,10 +8,11 @@ lets chats run beside edit computations but never beside a weight change.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from chat_app.completions import CompletionCache, complete_batch, weights_state
@@ -145,7 +146,7 @@ class EditService(EditGuards, BatchEdits, LedgerSync, LedgerChecks, LaterChecks)
                 self.editor.validate(request, **overrides)
                 question = chat_question(request.subject, request.relation)  # the chat row: what users see
                 texts = [p for p, _ in prompts]  # the preview's answers are reused, unless the view hides old edits
-                state = weights_state(self.editor)
+                state = weights_state(self.editor) if defer_checks else ()
                 if old:
                     answers = complete_batch(self.model, self.tok, texts) + [answer(self.model, self.tok, question, "chat")]
                 elif defer_checks:  # the edited prompt's answer now; the others, unless remembered, in the background
@@ -163,8 +164,7 @@ class EditService(EditGuards, BatchEdits, LedgerSync, LedgerChecks, LaterChecks)
                 reason = self._guard(edit, allow_outlier)
                 now = before[:1] if defer_checks else before
                 probes = () if reason else self._after_probes(request, edit, now, old_edits)
-                pending = tuple(Probe(p, k, request.target if k != "neighbour" else b, b)  # type: ignore[arg-type]
-                                for p, k, b in before[len(now) :])  # a before of None: answered in the background  # fmt: skip
+                pending = tuple(Probe.of(p, k, request.target, b) for p, k, b in before[len(now) :])  # None: later
             if not reason and not probes[0].holds and not force and self.min_target_prob > 0:
                 reason = (f"the edited prompt still answers {probes[0].after!r}, which does not name {request.target!r}; "
                           "strengthen it (the form's Strengthen, the CLI's --strengthen), try another layer, or apply anyway (force)")  # fmt: skip
@@ -204,11 +204,14 @@ class EditService(EditGuards, BatchEdits, LedgerSync, LedgerChecks, LaterChecks)
     def _after_probes(self, request: EditRequest, edit: RankOneEdit, before: list[tuple[str, str, str]],
                       old: list[Applied]) -> tuple[Probe, ...]:  # fmt: skip
         """Each probe answered by the model as it will be once ``old`` is reverted and ``edit`` applied (this thread only)."""
+        probes = [Probe.of(p, k, request.target, b) for p, k, b in before]
         with self.editor.view(without=_flat(old), extra=[edit]):
-            afters = complete_batch(self.model, self.tok, [p for p, k, _ in before if k != "chat"])
-            afters += [answer(self.model, self.tok, p, k) for p, k, _ in before if k == "chat"]  # the chat row is last
-        return tuple(Probe(p, k, request.target if k != "neighbour" else b, b, a)
-                     for (p, k, b), a in zip(before, afters))  # fmt: skip
+            return tuple(dataclasses.replace(p, after=a) for p, a in zip(probes, self._answers(probes)))
+
+    def _answers(self, probes: Sequence[Probe]) -> list[str]:
+        """What the model in this thread's view says to each probe (the completions as one batch), in order."""
+        plain = iter(complete_batch(self.model, self.tok, [p.prompt for p in probes if p.kind != "chat"]))
+        return [answer(self.model, self.tok, p.prompt, "chat") if p.kind == "chat" else next(plain) for p in probes]
 
     def _remember(self, probes: tuple[Probe, ...]) -> None:
         """The after-answers are the new weights' completions: the form's next preview reuses them."""
