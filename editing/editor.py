@@ -215,7 +215,7 @@ class RomeEditor(EditedWeights):
         t0 = time.perf_counter()
         exact = hp.exact_keys and hp.update == "r-rome"  # the bare prompt's and chat keys get the full delta too
         extra = self._exact_rows(request) if exact else []
-        keys = row_keys(self.model, hp.layer, key_rows + extra, self.tok.pad_token_id)  # one forward pass for all
+        keys = row_keys(self.model, hp.layer, key_rows + extra, self.tok.pad_token_id)  # padded passes by length
         key = keys[: len(key_rows)].mean(0)
         if progress is not None:
             progress("key", 1.0)

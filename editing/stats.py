@@ -25,6 +25,7 @@ from editing.loading import cache_dir
 from editing.nethook import capture_input, run_until
 from editing.placement import input_device
 from editing.precision import arithmetic, resolve_precision
+from editing.shipped_stats import load_shipped
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +163,9 @@ def second_moment(
     precision: str = "float32",
     weights: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """C for ``layer`` (float64, CPU), from the cache or computed over a seeded random sample of ``n_samples`` texts.
-
-    When those texts give fewer than ``MIN_TOKENS_PER_DIM`` tokens per key dimension, more texts of the
-    same permutation are read; a corpus too small for that raises ``ValueError``. A corrupted cache
-    file is reported and rebuilt.
+    """C for ``layer`` (float64, CPU): from the cache, from the statistics shipped with the app
+    (``editing.shipped_stats``: the default model's default layer), or computed over a seeded random sample
+    of ``n_samples`` texts (``sample_second_moment``) and cached. A corrupted cache file is reported and rebuilt.
     """
     precision = resolve_precision(precision, model)
     tag = "" if precision == "float32" else "-bf16"  # float32 keeps the names of caches computed before the choice
@@ -175,6 +174,35 @@ def second_moment(
     cov = _load_cached(path)
     if cov is not None:
         return cov
+    cov = load_shipped(fingerprint, layer, n_samples, max_tokens, corpus or default_corpus_path(), seed, SAMPLING_VERSION)
+    if cov is not None:
+        return cov
+    cov, count, used = sample_second_moment(model, tok, layer, n_samples, max_tokens, corpus, progress, seed,
+                                            precision, weights)  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # instances sharing the cache may write it at once
+    torch.save({"cov": cov, "n_tokens": count, "n_texts": used, "seed": seed}, tmp)
+    tmp.replace(path)
+    return cov
+
+
+def sample_second_moment(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    layer: int,
+    n_samples: int,
+    max_tokens: int = 256,
+    corpus: Path | None = None,
+    progress: Progress | None = None,
+    seed: int = SAMPLE_SEED,
+    precision: str = "float32",
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, int, int]:
+    """``(C, n_tokens, n_texts)`` over the first ``n_samples`` texts of the corpus's ``seed`` permutation.
+
+    When those texts give fewer than ``MIN_TOKENS_PER_DIM`` tokens per key dimension, more texts of the
+    same permutation are read; a corpus too small for that raises ``ValueError``.
+    """
     texts = shuffled(read_corpus(corpus), seed)
     log.info("computing statistics at layer %d over %d texts", layer, min(n_samples, len(texts)))
     total, count = accumulate_keys(model, tok, layer, texts[:n_samples], max_tokens, progress=progress,
@@ -195,12 +223,7 @@ def second_moment(
             f"the statistics corpus gives {count} tokens, but a well-conditioned C at layer {layer} needs at least "
             f"{need} ({MIN_TOKENS_PER_DIM} per key dimension, {total.shape[0]}); point the corpus at more text"
         )
-    cov = (total / count).cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # instances sharing the cache may write it at once
-    torch.save({"cov": cov, "n_tokens": count, "n_texts": used, "seed": seed}, tmp)
-    tmp.replace(path)
-    return cov
+    return (total / count).cpu(), count, used
 
 
 def _load_cached(path: Path) -> torch.Tensor | None:
