@@ -26,16 +26,19 @@ from editing.evaluation.datasets import load_cases, sample_cases  # noqa: E402
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "counterfact_dev.json"
 
 
-def time_edits(editor: RomeEditor, cases: list, **overrides: object) -> tuple[list[float], list[int]]:  # type: ignore[type-arg]
-    times, steps = [], []
+def time_edits(editor: RomeEditor, cases: list, **overrides: object) -> tuple[list[float], list[int], dict[str, list[float]]]:  # type: ignore[type-arg]
+    """Seconds per edit (computed and applied), steps, and the phases each edit records (key, value)."""
+    times, steps, phases = [], [], {"key_s": [], "value_s": []}
     for case in cases:
         t0 = time.perf_counter()
         edit = editor.compute(case.request(), **overrides)
         editor.apply(edit)
         times.append(time.perf_counter() - t0)
         steps.append(edit.stats["steps"])
+        for name, values in phases.items():
+            values.append(edit.stats[name])
         editor.revert(edit)
-    return times, steps
+    return times, steps, phases
 
 
 def main() -> None:
@@ -57,10 +60,11 @@ def main() -> None:
     for method, n in (("plain", args.baseline_n), ("prefix", args.baseline_n), ("fast", args.n)):
         editor.method = method
         overrides = reference if method != "fast" else {}
-        times, steps = time_edits(editor, cases[:n], **overrides)
+        times, steps, phases = time_edits(editor, cases[:n], **overrides)
         results[method] = statistics.median(times)
         print(f"{method:7s} n={n:3d} median {results[method]:6.2f} s  mean {statistics.mean(times):6.2f} s  "
-              f"mean steps {statistics.mean(steps):4.1f}", flush=True)  # fmt: skip
+              f"mean steps {statistics.mean(steps):4.1f}  median key pass {statistics.median(phases['key_s']):.2f} s, "
+              f"value {statistics.median(phases['value_s']):.2f} s", flush=True)  # fmt: skip
     same_cases = cases[: args.baseline_n]
     editor.method = "fast"
     fast_same = statistics.median(time_edits(editor, same_cases, **reference)[0])

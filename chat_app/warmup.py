@@ -1,8 +1,9 @@
 """Key statistics prepared in the background, so the first correction never computes them.
 
 ``StatsWarmup(editor).start()`` runs ``editor.cov(layer)`` for the default layer in a daemon
-thread right after start-up: from the disk cache in well under a second, or computed over the
-corpus (a minute or more on a small CPU) on a fresh machine. Chats are unaffected: the
+thread right after start-up: from the disk cache or the statistics shipped with the app
+(``editing.shipped_stats``: the default model's default layer) in well under a second, or computed
+over the corpus (a minute or more on a small CPU) for another model on a fresh machine. Chats are unaffected: the
 statistics read the unedited weights through ``editor.original_weights()``, which swaps
 nothing globally. An edit submitted meanwhile calls ``wait``, which relays the preparation's
 progress to the edit's own progress callback until the statistics are ready.

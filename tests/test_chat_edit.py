@@ -10,7 +10,7 @@ from editing.chat_rows import chat_key_row, chat_prompt, chat_rewrite_row, chat_
 from editing.generation import chat_text
 from editing.hparams import RomeHyperParams
 from editing.nethook import edit_output
-from editing.rome import compute_key, factor_cov, rank_one_factors, row_keys
+from editing.rome import compute_key, factor_cov, length_groups, rank_one_factors, row_keys
 from editing.value_stop import StopRule, greedy_check
 from tests.tiny import tiny_editor, tiny_llama, tiny_tokenizer
 
@@ -123,3 +123,21 @@ def test_exact_keys_edit_on_a_tiny_model() -> None:
     assert len(rows) == 3 and torch.allclose(keys @ edit.key_dir, torch.ones(3), atol=1e-3)  # bare prompt, both chat styles
     assert abs(float(edit.key @ edit.key_dir) - 1) < 1e-3  # and k*
     assert torch.allclose(row_keys(model, 2, rows, tok.pad_token_id), keys, atol=1e-5)  # one padded pass = alone
+
+
+@pytest.mark.parametrize("lengths", [[10, 16, 22, 22, 21, 10, 50, 40], [5], [3, 3, 3], [1, 100, 2, 99, 50]])
+def test_length_groups_cover_every_row_once_and_bound_the_padding(lengths: list[int]) -> None:
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        width, real = max(lengths[i] for i in group), sum(lengths[i] for i in group)
+        assert len(group) == 1 or width * len(group) <= 1.25 * real
+
+
+def test_key_rows_of_different_lengths_get_their_own_keys_in_order() -> None:
+    tok, model = tiny_tokenizer(), tiny_llama()
+    editor = tiny_editor(model, tok, layer=2, steps=8)
+    rows = editor._exact_rows(REQUEST) + editor.rows(REQUEST, editor.hparams)[0][:3]  # chat rows are several times longer
+    assert len(length_groups([len(r.input_ids) for r in rows])) > 1
+    alone = torch.stack([compute_key(model, 2, [r], tok.pad_token_id) for r in rows])
+    assert torch.allclose(row_keys(model, 2, rows, tok.pad_token_id), alone, atol=1e-5)

@@ -55,5 +55,7 @@ def test_editable_install_gives_the_console_command_and_a_wheel_builds(tmp_path:
     wheel = next((tmp_path / "dist").glob("rome_chat-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {"app.py", "chat_app/service.py", "db/ledger.py", "editing/editor.py"} <= set(names)
+    shipped = {f"editing/shipped/{p.name}" for p in (Path(source) / "editing" / "shipped").glob("*.pt")}
+    assert shipped and shipped <= set(names)  # the default model's statistics travel with the wheel
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "rome-chat = app:console" in zipfile.ZipFile(wheel).read(entry).decode()
