@@ -176,20 +176,42 @@ def chat_reply(
     return chat_replies(model, tok, [question], settings, sentence_min_tokens)[0]
 
 
+class CompletionStop(StoppingCriteria):
+    """Stops each row once more tokens cannot change its ``first_sentence``: a line break, or a sentence
+    end and a space, stands between words of the continuation."""
+
+    def __init__(self, tok: PreTrainedTokenizerBase, width: int) -> None:
+        self.tok, self.width = tok, width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        done = [sentence_is_final(self.tok.decode(row[self.width :], skip_special_tokens=True)) for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def sentence_is_final(text: str) -> bool:
+    """True when ``first_sentence(text + more)`` equals ``first_sentence(text)`` for any ``more``."""
+    text = text.strip()  # as ``first_sentence`` reads it: a stop at the very end may still be stripped
+    return "\n" in text or any(stop in text for stop in (". ", "? ", "! "))
+
+
 @torch.no_grad()
 def greedy_completions(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 10
 ) -> list[str]:
-    """Greedy continuation of each prompt (no penalty), cut at the first line break or sentence end."""
+    """Greedy continuation of each prompt (no penalty), cut at the first line break or sentence end.
+
+    Decoding stops once every row's cut is final (``CompletionStop``), so the answers are those of
+    ``max_new_tokens`` tokens, word for word, in fewer steps.
+    """
     if not prompts:
         return []
     device = input_device(model)
     enc = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
+    width = enc["input_ids"].shape[1]
     out = model.generate(
         **enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-        pad_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id, stopping_criteria=[CompletionStop(tok, width)],
     )  # fmt: skip
-    width = enc["input_ids"].shape[1]
     return [first_sentence(tok.decode(row[width:], skip_special_tokens=True)) for row in out]
 
 

@@ -1,10 +1,16 @@
-"""The chat row's reply ends at its first sentence: the sentence rule, the stopping criterion, the prefix property."""
+"""Replies and completions end at their first sentence: the sentence rules, the stopping criteria, the prefix property."""
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import StoppingCriteria
 
-from editing.generation import ChatSettings, SentenceStop, chat_replies, first_sentence_end
+from editing import generation
+from editing.generation import (
+    ChatSettings, SentenceStop, chat_replies, first_sentence, first_sentence_end, greedy_completions, sentence_is_final,
+)
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 
@@ -54,3 +60,23 @@ def test_first_sentence_replies_are_prefixes_of_the_whole_reply() -> None:
     whole = chat_replies(model, tok, questions, settings)
     first = chat_replies(model, tok, questions, settings, sentence_min_tokens=2)
     assert all(w.startswith(f) and f for w, f in zip(whole, first))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=" .?!\nab,", max_size=12), st.text(alphabet=" .?!\nab,", max_size=8))
+def test_a_final_completion_cut_is_not_changed_by_more_text(text: str, more: str) -> None:
+    if sentence_is_final(text):
+        assert first_sentence(text + more) == first_sentence(text)
+
+
+def test_stopped_completions_equal_the_full_length_ones(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    tok, model = tiny_tokenizer(), tiny_llama()
+    prompts = ["The tower is in", "Paris is the capital of", "Hello", "The river. It flows"]
+    stopped = greedy_completions(model, tok, prompts, max_new_tokens=12)
+    monkeypatch.setattr(generation, "CompletionStop", lambda tok, width: NeverStop())
+    assert greedy_completions(model, tok, prompts, max_new_tokens=12) == stopped
+
+
+class NeverStop(StoppingCriteria):
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
