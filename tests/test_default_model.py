@@ -78,16 +78,10 @@ def test_merkel_to_canada_shows_in_the_greedy_completion_and_the_chat_reply(edit
 
 
 def test_completions_stopped_at_their_first_sentence_equal_full_length_ones(editor: RomeEditor, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from transformers import StoppingCriteria
-
     from editing import generation
+    from tests.test_sentence_stop import NeverStop
 
     prompts = [EIFFEL, "The mother tongue of Danielle Darrieux is", "Toko Yasuda, the", "Apple A5 was created by"]
     stopped = generation.greedy_completions(editor.model, editor.tok, prompts, 8)
-
-    class Never(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):  # type: ignore[no-untyped-def]
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-    monkeypatch.setattr(generation, "CompletionStop", lambda tok, width: Never())
+    monkeypatch.setattr(generation, "CompletionStop", lambda tok, width: NeverStop())
     assert generation.greedy_completions(editor.model, editor.tok, prompts, 8) == stopped
