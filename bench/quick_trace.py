@@ -48,32 +48,41 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20, help="facts to compare")
     ap.add_argument("--samples", type=int, default=3, help="noise samples of the exact trace (and the matched quick one)")
     ap.add_argument("--precision", default="bfloat16", help="arithmetic of the exact trace")
+    ap.add_argument("--steps", type=int, nargs="+", default=[1], help="path points of the quick trace (1: plain attribution patching)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     model, tok = load_model()
     noise = 3 * embedding_std(model, tok)
     facts = list(itertools.islice((r for r in json.loads(DATA.read_text()) if knows(model, tok, r)), args.n))
-    rows = []
-    print("fact | rho (same noise) | rho (10 samples) | layer exact / quick | exact s | quick s (3 maps)", flush=True)
+    rows: dict[int, list] = {m: [] for m in args.steps}  # type: ignore[type-arg]
+    print("fact | steps | rho (same noise) | rho (10 samples) | layer exact / quick | exact s | quick s (3 maps)", flush=True)
     for record in facts:
         prompt, subject = record["prompt"], record["subject"]
         t0 = time.perf_counter()
         exact = trace(model, tok, prompt, subject, samples=args.samples, noise=noise, kinds=("mlp",),
                       precision=args.precision)  # fmt: skip
         t_exact = time.perf_counter() - t0
-        matched = quick_trace(model, tok, prompt, subject, samples=args.samples, noise=noise, kinds=("mlp",))
-        t0 = time.perf_counter()
-        full = quick_trace(model, tok, prompt, subject, samples=LOCATE_SAMPLES, noise=noise)
-        t_quick = time.perf_counter() - t0
         first = exact.subject_range[0]
         effect = exact.indirect_effect("mlp")[first:]
-        rho = spearman(effect, matched.indirect_effect("mlp")[first:])
-        rho10 = spearman(effect, full.indirect_effect("mlp")[first:])
-        layers = best_at_last_subject(exact)[0], best_at_last_subject(matched)[0], best_at_last_subject(full)[0]
-        rows.append((rho, rho10, layers, t_exact, t_quick))
-        print(f"{subject[:28]:28s} | {rho:5.3f} | {rho10:5.3f} | {layers[0]:2d} / {layers[1]:2d} ({layers[2]:2d}) | "
-              f"{t_exact:6.1f} | {t_quick:5.2f}", flush=True)  # fmt: skip
+        for m in args.steps:
+            matched = quick_trace(model, tok, prompt, subject, samples=args.samples, noise=noise, kinds=("mlp",), steps=m)
+            t0 = time.perf_counter()
+            full = quick_trace(model, tok, prompt, subject, samples=LOCATE_SAMPLES, noise=noise, steps=m)
+            t_quick = time.perf_counter() - t0
+            rho = spearman(effect, matched.indirect_effect("mlp")[first:])
+            rho10 = spearman(effect, full.indirect_effect("mlp")[first:])
+            layers = best_at_last_subject(exact)[0], best_at_last_subject(matched)[0], best_at_last_subject(full)[0]
+            rows[m].append((rho, rho10, layers, t_exact, t_quick))
+            print(f"{subject[:28]:28s} | {m:2d} | {rho:5.3f} | {rho10:5.3f} | {layers[0]:2d} / {layers[1]:2d} ({layers[2]:2d}) | "
+                  f"{t_exact:6.1f} | {t_quick:5.2f}", flush=True)  # fmt: skip
+    for m, got in rows.items():
+        summarise(m, got, args)
+
+
+def summarise(m: int, rows: list, args: argparse.Namespace) -> None:  # type: ignore[type-arg]
+    """The medians over facts for the quick trace with ``m`` path points."""
     n = len(rows)
+    print(f"--- quick trace with {m} path point(s)")
     same = sum(r[2][0] == r[2][1] for r in rows)
     near = sum(abs(r[2][0] - r[2][1]) <= 1 for r in rows)
     same10 = sum(r[2][0] == r[2][2] for r in rows)
@@ -86,7 +95,6 @@ def main() -> None:
     print(f"time: exact MLP only ({args.samples} samples, {args.precision}) median "
           f"{statistics.median(r[3] for r in rows):.1f} s; quick, three heatmaps ({LOCATE_SAMPLES} samples) median "
           f"{statistics.median(r[4] for r in rows):.2f} s, ratio {statistics.median(r[3] / r[4] for r in rows):.0f}×")  # fmt: skip
-
 
 if __name__ == "__main__":
     main()

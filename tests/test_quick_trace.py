@@ -11,9 +11,10 @@ from tests.test_tracing import PROMPT, SUBJECT, model, one_thread, tok  # noqa: 
 SMALL_NOISE = 1e-3  # the constructed case: states differ little between the runs, so first order is nearly exact
 
 
-def test_with_small_noise_the_quick_trace_matches_the_exact_signs_and_argmax(model, tok) -> None:  # noqa: F811
+@pytest.mark.parametrize("steps", [1, 4])  # 4: gradients averaged along the path (integrated gradients)
+def test_with_small_noise_the_quick_trace_matches_the_exact_signs_and_argmax(model, tok, steps) -> None:  # noqa: F811
     exact = trace(model, tok, PROMPT, SUBJECT, noise=SMALL_NOISE, window=2, samples=3, method="fast")
-    quick = quick_trace(model, tok, PROMPT, SUBJECT, noise=SMALL_NOISE, window=2, samples=3)
+    quick = quick_trace(model, tok, PROMPT, SUBJECT, noise=SMALL_NOISE, window=2, samples=3, steps=steps)
     assert quick.corrupted_prob == pytest.approx(exact.corrupted_prob, abs=1e-6)
     assert quick.answer_id == exact.answer_id and quick.tokens == exact.tokens
     for kind in KINDS:
@@ -45,6 +46,19 @@ def test_bad_input_raises_as_the_exact_trace_does(model, tok) -> None:  # noqa: 
         quick_trace(model, tok, PROMPT, "louvre", noise=1.0)
     with pytest.raises(ValueError, match="kinds must be"):
         quick_trace(model, tok, PROMPT, SUBJECT, noise=1.0, kinds=("neurons",))
+    with pytest.raises(ValueError, match="steps must be"):
+        quick_trace(model, tok, PROMPT, SUBJECT, noise=1.0, steps=0)
+
+
+def test_one_path_point_is_plain_attribution_patching_and_more_points_change_the_estimate(model, tok) -> None:  # noqa: F811
+    """Under noise large enough for first order to err, averaging along the path changes the estimate (not
+    the corrupted probability); with one point it is the gradient at the corrupted run."""
+    one = quick_trace(model, tok, PROMPT, SUBJECT, noise=1.0, window=2, samples=2, kinds=("mlp",))
+    again = quick_trace(model, tok, PROMPT, SUBJECT, noise=1.0, window=2, samples=2, kinds=("mlp",), steps=1)
+    path = quick_trace(model, tok, PROMPT, SUBJECT, noise=1.0, window=2, samples=2, kinds=("mlp",), steps=8)
+    assert torch.equal(one.scores["mlp"], again.scores["mlp"])
+    assert path.corrupted_prob == pytest.approx(one.corrupted_prob, abs=1e-6)
+    assert not torch.allclose(path.scores["mlp"], one.scores["mlp"], atol=1e-6)
 
 
 def test_the_locate_tab_offers_the_quick_trace_and_says_it_is_approximate(tmp_path) -> None:  # type: ignore[no-untyped-def]
