@@ -282,6 +282,30 @@ def test_short_run_end_to_end(tok, mode: str) -> None:
     assert "ROME" in format_table(result)
 
 
+def test_watched_sequential_run_edits_every_case_and_scores_the_watched_ones_as_a_full_run_does(tok) -> None:
+    cases = load_cases(FIXTURES / "counterfact_original.json")[0] + load_cases(FIXTURES / "counterfact_flat.json")[0]
+    no_text = GenerationSettings(max_new_tokens=0)
+    runs = {}
+    for watch in (None, 2):
+        model = tiny_llama(tok)
+        editor = _editor(model, tok)
+        runs[watch] = run_evaluation(model, tok, editor, cases, "sequential", n=3, seed=0, ftl=False,
+                                     generation=no_text, checkpoints=3, watch=watch)  # fmt: skip
+    full, watched = runs[None], runs[2]
+    assert len(watched.update_norms["ROME"]) == 3 and watched.config["watch"] == 2  # all three edited
+    assert watched.update_norms["ROME"] == pytest.approx(full.update_norms["ROME"], rel=1e-5)
+    assert len(watched.cases) == 2  # only the watched are scored, with the same numbers as in the full run
+    by_id = {str(r.case.case_id): r for r in full.cases}
+    for r in watched.cases:
+        for name in (UNEDITED, "ROME"):
+            assert r.scores[name].em == pytest.approx(by_id[str(r.case.case_id)].scores[name].em, abs=1e-6)
+    assert [k for k, _ in watched.curves["ROME"]] == [1, 2, 3]
+    model = tiny_llama(tok)
+    for bad in ({"watch": 0, "mode": "sequential"}, {"watch": 2, "mode": "independent"}):
+        with pytest.raises(ValueError, match="watch"):
+            run_evaluation(model, tok, _editor(model, tok), cases, n=3, ftl=False, generation=no_text, **bad)
+
+
 def test_run_refuses_an_edited_model_and_a_bad_mode(tok) -> None:
     model = tiny_llama(tok)
     editor = _editor(model, tok)

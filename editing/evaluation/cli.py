@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the sequential curves")
     parser.add_argument("--gen-tokens", type=int, default=64, help="tokens generated for fluency (0: off)")
     parser.add_argument("--checkpoints", type=int, default=10, help="sequential measurements along the way")
+    parser.add_argument("--watch", type=int, default=None, metavar="K",
+                        help="sequential mode: score a seeded sample of K cases at each checkpoint (every case is still edited)")
     parser.add_argument("--chat-tokens", type=int, default=64,
                         help="reply length of the chat metrics CE/CO/NC, with the app's chat settings (0: no generation metrics)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -149,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model, tok, editor, cases, args.mode, args.n, args.seed, args.layer, progress,
                 ftl=not args.no_ftl, generation=GenerationSettings(max_new_tokens=args.gen_tokens),
                 checkpoints=args.checkpoints, rome_overrides=overrides, updates=args.update,
-                batch_size=args.batch_size,
+                batch_size=args.batch_size, watch=args.watch,
                 said=GenSettings(chat=ChatSettings(max_new_tokens=args.chat_tokens)) if args.chat_tokens > 0 else None,
             )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:

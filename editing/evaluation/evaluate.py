@@ -8,6 +8,7 @@ together with MEMIT, in batches (``editing.evaluation.batch``), and scores them 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -168,40 +169,55 @@ def _checkpoints(n: int, count: int) -> set[int]:
 
 
 def _sequential_method(
-    run: _Run, method: Method, base: dict[int, CaseScores], marks: set[int]
+    run: _Run, method: Method, order: Sequence[int], base: dict[int, CaseScores], marks: set[int]
 ) -> tuple[dict[int, CaseScores], dict[int, float], list[tuple[int, dict[str, float | None]]]]:
+    """Edit the cases ``order`` one after another; at each mark, score the edited cases that ``base`` holds."""
     norms: dict[int, float] = {}
     curve: list[tuple[int, dict[str, float | None]]] = []
     latest: dict[int, CaseScores] = {}
     try:
-        for k, i in enumerate(sorted(base), start=1):
+        for k, i in enumerate(order, start=1):
             try:
                 norms[i] = method.apply(run.cases[i])
             except EDIT_ERRORS as err:
                 run.fail(i, method.name, err)
             run.tick()
             if k in marks:
-                latest = {j: run.score(j, base[j]) for j in norms}
+                latest = {j: run.score(j, base[j]) for j in norms if j in base}
                 curve.append((len(norms), aggregate(list(latest.values()))))
-                run.tick(len(norms))
+                run.tick(len(latest))
+                shown = {k: round(v, 1) for k, v in curve[-1][1].items() if k in ("ES", "PS", "NS") and v is not None}
+                log.info("%s after %d edits (%d scored): %s; mean ||ΔW|| %.1f", method.name, len(norms), len(latest),
+                         shown, sum(norms.values()) / max(1, len(norms)))  # fmt: skip
     finally:
         method.restore()
     return latest, norms, curve
 
 
-def _sequential(run: _Run, methods: Sequence[Method], checkpoints: int) -> tuple[list[CaseResult], dict, dict]:
+def watched_cases(n: int, watch: int | None, seed: int) -> list[int]:
+    """The indices of the ``watch`` cases (a seeded sample of ``range(n)``, ascending) sequential checkpoints score; all without ``watch``."""
+    if watch is None or watch >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), watch))
+
+
+def _sequential(
+    run: _Run, methods: Sequence[Method], checkpoints: int, watch: int | None = None
+) -> tuple[list[CaseResult], dict, dict]:
     base = {}
-    for i in range(len(run.cases)):
+    for i in watched_cases(len(run.cases), watch, run.seed):
         try:
             base[i] = run.score(i)
         except EDIT_ERRORS as err:
             run.fail(i, UNEDITED, err)
         run.tick()
-    marks = _checkpoints(len(base), checkpoints)
-    finals, norms, curves, order = {}, {}, {}, sorted(base)
+    # Without ``watch`` a case whose unedited scoring failed is not edited; with it every case is.
+    order = sorted(base) if watch is None else list(range(len(run.cases)))
+    marks = _checkpoints(len(order), checkpoints)
+    finals, norms, curves = {}, {}, {}
     for method in methods:
-        finals[method.name], norms[method.name], curves[method.name] = _sequential_method(run, method, base, marks)
-    kept = [i for i in order if all(i in finals[m.name] for m in methods)]
+        finals[method.name], norms[method.name], curves[method.name] = _sequential_method(run, method, order, base, marks)
+    kept = [i for i in sorted(base) if all(i in finals[m.name] for m in methods)]
     results = [
         CaseResult(run.cases[i], {UNEDITED: base[i], **{m.name: finals[m.name][i] for m in methods}},
                    {m.name: norms[m.name][i] for m in methods})
@@ -235,13 +251,16 @@ def run_evaluation(
     rome_overrides: dict[str, Any] | None = None,
     updates: Sequence[str] = ("r-rome",),
     batch_size: int | None = None,
+    watch: int | None = None,
 ) -> EvalResult:
     """Score the unedited model, FT-L (unless ``ftl`` is false) and ROME on a seeded sample of ``n`` cases.
 
     ``said`` switches on the generation metrics (GE/GP/GL/CE/CO/NC, ``editing.evaluation.chat_metrics``);
     ``rome_overrides`` are hyperparameters for ROME's edits (e.g. ``{"stop_on": "worst"}``). Batch mode
     (MEMIT, no FT-L) takes its layers from ``rome_overrides["batch_layers"]`` (default: the 5 ending at
-    ``layer``) and edits ``batch_size`` cases at a time (default: all).
+    ``layer``) and edits ``batch_size`` cases at a time (default: all). In sequential mode ``watch``
+    scores only that many of the cases (a seeded sample) at each checkpoint, while every case is edited:
+    the scores estimate the full ones at a fraction of the time.
 
     The editor must have no edits applied; the model's weights are unchanged on return.
     """
@@ -253,6 +272,8 @@ def run_evaluation(
     if not 0 <= layer < editor.n_layers:
         raise ValueError(f"layer {layer} is out of range; this model has layers 0 to {editor.n_layers - 1}")
     check_size(batch_size)
+    if watch is not None and (mode != "sequential" or watch < 1):
+        raise ValueError("watch belongs to the sequential mode and must be at least 1")
     sample = sample_cases(cases, n, seed)
     editor.cov(layer, progress=progress)  # the slow first-time statistics, before the timed loop
     editor.context_templates()
@@ -266,7 +287,8 @@ def run_evaluation(
             log.info("batch mode compares MEMIT with the unedited model; FT-L is not run")
         methods, ftl_hp = [], None
     m = len(sample)
-    total = {"independent": m, "batch": 3 * m}.get(mode, m + len(methods) * (m + sum(_checkpoints(m, checkpoints))))
+    w = min(m, watch or m)  # cases scored at each sequential checkpoint, about k·w/m of them after k edits
+    total = {"independent": m, "batch": 3 * m}.get(mode, w + len(methods) * (m + sum(k * w // m for k in _checkpoints(m, checkpoints))))
     run = _Run(model, tok, sample, seed, generation, progress, total, said=said)
     run.tick(0)  # starts the clock of a progress bar
     checksum = tensor_checksum(model.get_parameter(mlp_out_param_name(model, layer)))
@@ -278,13 +300,13 @@ def run_evaluation(
     elif mode == "batch":
         results, norms, batch_info = _batch(run, editor, layer, rome_overrides or {}, batch_size)
     else:
-        results, norms, curves = _sequential(run, methods, checkpoints)
+        results, norms, curves = _sequential(run, methods, checkpoints, watch)
     if tensor_checksum(model.get_parameter(mlp_out_param_name(model, layer))) != checksum:
         raise RuntimeError("the evaluation did not restore the model's weights")
     names = [UNEDITED, *(m.name for m in methods), *([BATCH_METHOD] if mode == "batch" else [])]
     config = {"generation": asdict(generation), "ftl": None if ftl_hp is None else ftl_hp.to_dict(),
               "said": None if said is None else asdict(said), "rome_overrides": dict(rome_overrides or {}),
-              "hparams": editor.hparams.to_dict(), "updates": list(updates),
+              "hparams": editor.hparams.to_dict(), "updates": list(updates), "watch": watch,
               **({"batch": batch_info} if mode == "batch" else {})}  # fmt: skip
     return EvalResult(
         mode=mode, n=len(sample), seed=seed, layer=layer, cases=tuple(results),
