@@ -7,7 +7,10 @@ and layer). Prints the median for each method, in the same process:
   plain   the original procedure: 21 prompts, up to 20 steps, whole model every step
   prefix  + the tokens before the subject's last token computed once (KV cache), logits only where needed
   fast    + the blocks below the edited layer run once (the app's default)
-and the ratio of each against plain, plus the peak resident memory.
+and the ratio of each against plain, plus the peak resident memory. Last, the arithmetic of the
+app's method: the floating-point operations of its matrix products over the timed edits (counted by
+``torch.utils.flop_counter``), against this CPU's rate for one large matrix product measured in the
+same process, which bounds how fast an edit with these prompts and steps can be here.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -73,6 +79,35 @@ def main() -> None:
         print(f"speed-up {method} vs plain: {results['plain'] / results[method]:.1f}x")
     print(f"speed-up fast (reference settings) vs plain, same cases: {results['plain'] / fast_same:.1f}x")
     print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    arithmetic_bound(editor, cases[: min(args.n, 8)], results["fast"])
+
+
+def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of one large float32 matrix product on this machine (its best case: big, square, cached)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - t0)
+
+
+def arithmetic_bound(editor: RomeEditor, cases: list, median_s: float) -> None:  # type: ignore[type-arg]
+    """Print the matrix-product FLOPs per edit of the app's method and the time they need at this CPU's peak rate."""
+    flops, seconds = [], []
+    for case in cases:
+        with FlopCounterMode(display=False) as counter:
+            t0 = time.perf_counter()
+            editor.compute(case.request())
+            seconds.append(time.perf_counter() - t0)
+        flops.append(counter.get_total_flops())
+    rate = matmul_rate()
+    per_edit = statistics.median(flops)
+    print(f"arithmetic: median {per_edit / 1e9:.1f} GFLOP per edit ({len(cases)} edits, counted; the counter's "
+          f"own overhead makes those runs {statistics.median(seconds):.2f} s); one 2048² matrix product runs at "
+          f"{rate / 1e9:.0f} GFLOP/s here, so an edit needs at least {per_edit / rate:.2f} s of arithmetic: "
+          f"the measured median {median_s:.2f} s runs at {per_edit / median_s / 1e9:.0f} GFLOP/s "
+          f"({100 * per_edit / median_s / rate:.0f} % of that rate)")  # fmt: skip
 
 
 if __name__ == "__main__":
