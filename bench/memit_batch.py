@@ -1,6 +1,6 @@
 """MEMIT batch edits on CounterFact development cases: quality (ES/PS/NS) and seconds per fact.
 
-    python bench/memit_batch.py --n 50 --sets 9 7,8,9 --weights 100 1000 10000 --rome 10
+    python bench/memit_batch.py --n 50 --sets 9 7,8,9 --weights 100 1000 10000 --rome 10 [--value-templates 11 5]
 
 For each layer set and λ (mom2_weight): one batch of all N facts, applied at once, then every case
 scored (efficacy, paraphrase, neighbourhood: the share of prompts where the new object beats the
@@ -15,6 +15,7 @@ prints the ratio of the seconds per fact.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--weights", type=float, nargs="+", default=[1000.0])
     ap.add_argument("--samples", type=int, default=None, help="corpus texts for each layer's C (default: the model's)")
     ap.add_argument("--rome", type=int, default=0, metavar="K", help="also time K of the facts one by one with ROME")
+    ap.add_argument("--value-templates", type=int, nargs="+", default=[None], metavar="N",
+                    help="value prompts per fact (default: the model's); each N is a separate set of rows")
     args = ap.parse_args()
     sets = [tuple(int(x) for x in s.split(",")) for s in args.sets]
     model, tok = load_model()
@@ -74,27 +77,28 @@ def main() -> None:
         print(f"ROME one by one at layer {last}, {len(steps)} facts: {rome[last]:.2f} s/fact, "
               f"mean steps {statistics.mean(steps):.1f}", flush=True)  # fmt: skip
     reuse_values()
-    timed: set[int] = set()
-    print("layers           λ       ES    PS    NS   s/fact  value s/fact  steps  max ||ΔW_l||", flush=True)
-    for layers in sets:
-        for weight in args.weights:
-            t0 = time.perf_counter()
-            batch = editor.compute_batch([c.request() for c in cases], batch_layers=layers, mom2_weight=weight)
-            per_fact = (time.perf_counter() - t0) / len(cases)
-            first = layers[-1] not in timed
-            timed.add(layers[-1])
-            editor.apply(batch)
-            rows = [scores(model, tok, c) for c in cases]
-            norms = []
-            for j in range(len(layers)):
-                delta = sum(torch.outer(f[j].value_dir, f[j].key_dir).double() for f in batch.facts)
-                norms.append(float(delta.norm()))
-            editor.revert(batch)
-            speed = f"{per_fact:7.2f}  {batch.stats['value_s'] / len(cases):12.2f}" if first else f"{'-':>7}  {'-':>12}"
-            ratio = f"  (ROME one by one / batch: {rome[layers[-1]] / per_fact:.1f}x)" if first and rome else ""
-            print(f"{','.join(map(str, layers)):15} {weight:7.0f} {mean(rows, 0):6.1f} {mean(rows, 1):5.1f} "
-                  f"{mean(rows, 2):5.1f} {speed}  {batch.stats['mean_steps']:5.1f}  {max(norms):.3g}{ratio}",
-                  flush=True)  # fmt: skip
+    timed: set[tuple[int, int]] = set()
+    print("prompts layers           λ       ES    PS    NS   s/fact  value s/fact  steps  max ||ΔW_l||", flush=True)
+    for n_values, layers, weight in itertools.product(args.value_templates, sets, args.weights):
+        n_values = n_values or editor.hparams.value_templates
+        t0 = time.perf_counter()
+        batch = editor.compute_batch([c.request() for c in cases], batch_layers=layers, mom2_weight=weight,
+                                     value_templates=n_values)  # fmt: skip
+        per_fact = (time.perf_counter() - t0) / len(cases)
+        first = (layers[-1], n_values) not in timed
+        timed.add((layers[-1], n_values))
+        editor.apply(batch)
+        rows = [scores(model, tok, c) for c in cases]
+        norms = []
+        for j in range(len(layers)):
+            delta = sum(torch.outer(f[j].value_dir, f[j].key_dir).double() for f in batch.facts)
+            norms.append(float(delta.norm()))
+        editor.revert(batch)
+        speed = f"{per_fact:7.2f}  {batch.stats['value_s'] / len(cases):12.2f}" if first else f"{'-':>7}  {'-':>12}"
+        ratio = f"  (ROME one by one / batch: {rome[layers[-1]] / per_fact:.1f}x)" if first and rome else ""
+        print(f"{n_values:7d} {','.join(map(str, layers)):15} {weight:7.0f} {mean(rows, 0):6.1f} {mean(rows, 1):5.1f} "
+              f"{mean(rows, 2):5.1f} {speed}  {batch.stats['mean_steps']:5.1f}  {max(norms):.3g}{ratio}",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,9 +22,14 @@ def run_from(
     hidden: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
-    cache: Cache,
+    cache: Cache | None,
+    until: int | None = None,
 ) -> torch.Tensor:
-    """Final-normed hidden states after blocks ``layer…`` applied to ``hidden`` (B, S, d), the input of block ``layer``."""
+    """Final-normed hidden states after blocks ``layer…`` applied to ``hidden`` (B, S, d), the input of block ``layer``.
+
+    With ``until``, only blocks ``layer…until`` run and block ``until``'s output is returned (no final norm);
+    ``cache`` None runs the rows without one (all their tokens in ``hidden``).
+    """
     spec = arch_of(model)
     base = model.base_model
     # The mask and rotary embeddings are built where the model's own forward builds them (beside the
@@ -38,13 +43,14 @@ def run_from(
         position_ids=position_ids,
     )
     position_embeddings = base.rotary_emb(at_input, position_ids=position_ids)
-    for block in get_module(model, spec.layers)[layer:]:
+    blocks = get_module(model, spec.layers)
+    for block in blocks[layer : len(blocks) if until is None else until + 1]:
         hidden = block(
             hidden,
             attention_mask=mask,
             position_embeddings=position_embeddings,
             position_ids=position_ids,
             past_key_values=cache,
-            use_cache=True,
+            use_cache=cache is not None,
         )
-    return get_module(model, spec.final_norm)(hidden)
+    return get_module(model, spec.final_norm)(hidden) if until is None else hidden

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -72,34 +73,94 @@ def hidden_after(model: torch.nn.Module, layer: int, rows: Sequence[Row], pad_id
     return out[torch.arange(len(rows), device=out.device), lookups].float().mean(0)
 
 
-@torch.no_grad()
-def keys_and_hidden(
-    model: torch.nn.Module, layer: int, last: int, key_rows: Sequence[Sequence[Row]], pad_id: int, group: int = 32
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(K, H)``: each fact's key k* at ``layer`` (d_in, n) and residual after block ``last`` (d, n) at its
-    subject's last token, averaged over the fact's rows (``compute_key`` and ``hidden_after`` for every fact),
-    ``group`` facts' rows to a forward pass that stops after block ``last``. float32, CPU."""
-    keys, hidden = [], []
-    for start in range(0, len(key_rows), group):
-        part = key_rows[start : start + group]
-        rows = [r for fact in part for r in fact]
-        fact_of_row = torch.tensor([i for i, fact in enumerate(part) for _ in fact])
-        lookups = torch.tensor([r.lookup for r in rows])
-        ids, mask = pad_batch([r.input_ids for r in rows], pad_id, input_device(model))
+@dataclass
+class _Chunk:
+    """Rows of several facts (sorted by length, so little padding) that share a forward pass."""
+
+    ids: torch.Tensor  # (b, T)
+    mask: torch.Tensor  # (b, T)
+    lookups: torch.Tensor  # (b,)
+    fact_of_row: torch.Tensor  # (b,) the fact each row belongs to, in the whole batch
+    start: torch.Tensor | None = None  # (b, T, d): the input of the block the next read starts at
+
+
+class LayerReader:
+    """Each fact's key k* at every batch layer, and its residual after the last layer, read layer by layer.
+
+    ``read(j)`` gives ``(K, H)`` for ``layers[j]`` on the weights as they are now: K (d_in, n) the keys at
+    that layer, H (d, n) the residual after block ``layers[-1]``, each averaged over the fact's rows
+    (``compute_key`` and ``hidden_after`` for every fact); ``read(0)`` also keeps ``last_keys``, the
+    keys at ``layers[-1]`` (the value optimisation's). Between reads the caller adds layer
+    ``layers[j]``'s update, which leaves everything below block ``layers[j]`` as it was; so where the
+    family's blocks can be called directly (``can_start_midway``), read j + 1 starts from that block's
+    input, kept from read j: blocks ``layers[j]…layers[-1]`` instead of ``0…layers[-1]``. Rows of all
+    facts are sorted by length and cut into chunks of at most ``max_rows``. float32, CPU.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int], key_rows: Sequence[Sequence[Row]], pad_id: int,
+                 max_rows: int = 512) -> None:  # fmt: skip
+        from editing.layers import can_start_midway
+
+        self.model, self.layers, self.n = model, tuple(layers), len(key_rows)
+        self.midway = can_start_midway(model)
+        self.last_keys: torch.Tensor | None = None
+        self._read = -1
+        flat = [(i, r) for i, fact in enumerate(key_rows) for r in fact]
+        order = sorted(range(len(flat)), key=lambda k: len(flat[k][1].input_ids))
+        self.counts = torch.bincount(torch.tensor([i for i, _ in flat]), minlength=self.n).float()[:, None]  # (n, 1)
+        self.chunks = []
+        for first in range(0, len(order), max_rows):
+            part = [flat[k] for k in order[first : first + max_rows]]
+            ids, mask = pad_batch([r.input_ids for _, r in part], pad_id, input_device(model))
+            self.chunks.append(_Chunk(ids, mask, torch.tensor([r.lookup for _, r in part]),
+                                      torch.tensor([i for i, _ in part])))  # fmt: skip
+
+    @torch.no_grad()
+    def read(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if j != self._read + 1:
+            raise ValueError(f"layers are read in order: read {self._read + 1} comes next, not {j}")
+        self._read = j
+        layer, last = self.layers[j], self.layers[-1]
+        sums: dict[str, torch.Tensor] = {}
+        for chunk in self.chunks:
+            found = self._pass(chunk, j)
+            for name, states in found.items():  # each (b, T, d) on its block's device: keep the lookups
+                picked = states[torch.arange(len(chunk.lookups), device=states.device), chunk.lookups.to(states.device)]
+                total = torch.zeros(self.n, picked.shape[1]).index_add(0, chunk.fact_of_row, picked.float().cpu())
+                sums[name] = sums[name] + total if name in sums else total
+        if j == 0:
+            self.last_keys = (sums["last_key"] / self.counts).T if layer != last else (sums["key"] / self.counts).T
+        return (sums["key"] / self.counts).T, (sums["hidden"] / self.counts).T
+
+    def _pass(self, chunk: _Chunk, j: int) -> dict[str, torch.Tensor]:
+        """One forward pass of ``chunk`` for read ``j``: the key inputs at ``layers[j]`` (and at the last layer on
+        read 0), the output of the last block, and (for the next read) block ``layers[j]``'s input."""
+        from editing.layers import run_from
+
+        model, layer, last = self.model, self.layers[j], self.layers[-1]
+        keep_start = self.midway and j + 1 < len(self.layers)
         box: dict[str, torch.Tensor] = {}
 
         def record(out: torch.Tensor) -> None:
-            box["out"] = out.detach()
+            box["hidden"] = out.detach()
             raise StopForward  # nothing above block ``last`` is needed
 
-        with capture_input(model, layer_name(model, layer, "mlp_out")) as key_box, \
-                edit_output(model, layer_name(model, last), record):  # fmt: skip
-            run_until(model, input_ids=ids, attention_mask=mask, use_cache=False)
-        counts = torch.bincount(fact_of_row, minlength=len(part)).float()[:, None]  # (f, 1)
-        for out, found in ((keys, key_box["input"]), (hidden, box["out"])):  # each on its block's device
-            picked = found[torch.arange(len(rows), device=found.device), lookups.to(found.device)].float().cpu()
-            out.append(torch.zeros(len(part), picked.shape[1]).index_add(0, fact_of_row, picked) / counts)  # (f, d)
-    return torch.cat(keys).T, torch.cat(hidden).T
+        with ExitStack() as stack:
+            key_box = stack.enter_context(capture_input(model, layer_name(model, layer, "mlp_out")))
+            start_box = stack.enter_context(capture_input(model, layer_name(model, layer))) if keep_start else {}
+            last_box = stack.enter_context(capture_input(model, layer_name(model, last, "mlp_out"))) \
+                if j == 0 and layer != last else {}  # fmt: skip
+            if j > 0 and self.midway and chunk.start is not None:
+                positions = torch.arange(chunk.ids.shape[1], device=chunk.ids.device)[None].expand_as(chunk.ids)
+                box["hidden"] = run_from(model, self.layers[j - 1], chunk.start, chunk.mask, positions, None, until=last)
+            else:
+                stack.enter_context(edit_output(model, layer_name(model, last), record))
+                run_until(model, input_ids=chunk.ids, attention_mask=chunk.mask, use_cache=False)
+        chunk.start = start_box["input"].detach() if keep_start else None
+        found = {"key": key_box["input"], "hidden": box["hidden"]}
+        if last_box:
+            found["last_key"] = last_box["input"]
+        return found
 
 
 def layer_shares(
@@ -149,21 +210,22 @@ def compute_batch(
     for layer in layers:
         editor.cov(layer, hp.stats_samples, progress)
     t0 = time.perf_counter()
-    key_rows = [r[0] for r in rows]
-    keys, hidden = keys_and_hidden(model, last, last, key_rows, pad)
+    reader = LayerReader(model, layers, [r[0] for r in rows], pad)
+    first_keys, first_hidden = reader.read(0)  # nothing is applied yet: the residual after ``last`` is the unedited one
+    assert reader.last_keys is not None
     results = optimise_values(
-        model, hp.replace(layer=last), keys.T, [(values, kl) for _, values, kl in rows], pad, editor.method, progress
-    )
+        model, hp.replace(layer=last), reader.last_keys.T, [(values, kl) for _, values, kl in rows], pad,
+        editor.method, progress,
+    )  # fmt: skip
     # z_i: the residual after the last layer that says the target. (d, n)
-    z = hidden + torch.stack([v.delta.cpu() for v in results], 1)
+    z = first_hidden + torch.stack([v.delta.cpu() for v in results], 1)
     value_s = time.perf_counter() - t0
     batch_id = new_batch_id()
     saved = editor.applied
     shares: list[list[RankOneEdit]] = [[] for _ in requests]
     try:
         for j, layer in enumerate(layers):
-            if j > 0 or layer != last:  # otherwise: nothing is applied yet, and the keys are those at ``last``
-                keys, hidden = keys_and_hidden(model, layer, last, key_rows, pad)
+            keys, hidden = (first_keys, first_hidden) if j == 0 else reader.read(j)
             if progress is not None:
                 progress("update", (j + 1) / len(layers))
             resid = (z - hidden) / (len(layers) - j)

@@ -144,15 +144,31 @@ def test_a_batch_makes_every_fact_say_its_new_object(arch: str) -> None:
     assert batch.stats["layers"] == [1] and batch.stats["seconds"] > 0
 
 
-def test_batched_keys_and_residuals_match_one_fact_at_a_time() -> None:
-    from editing.memit import hidden_after, keys_and_hidden
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # llama: later reads start midway; gpt2: from the tokens
+def test_layer_reads_match_one_fact_at_a_time_after_each_layer_update(arch: str) -> None:
+    from editing.memit import LayerReader, hidden_after
     from editing.rome import compute_key
 
     tok = tiny_tokenizer()
-    model = tiny_llama()
-    editor = tiny_editor(model, tok, layer=2)
+    model = tiny_llama() if arch == "llama" else tiny_gpt2()
+    editor = tiny_editor(model, tok, layer=2 if arch == "llama" else 1)
+    layers = (0, 1, 2) if arch == "llama" else (0, 1)
     key_rows = [editor.rows(r, editor.hparams)[0] for r in FACTS]
-    keys, hidden = keys_and_hidden(model, 1, 2, key_rows, tok.pad_token_id, group=2)
-    for i, rows in enumerate(key_rows):
-        assert torch.allclose(keys[:, i], compute_key(model, 1, rows, tok.pad_token_id), atol=1e-5, rtol=1e-4)
-        assert torch.allclose(hidden[:, i], hidden_after(model, 2, rows, tok.pad_token_id), atol=1e-5, rtol=1e-4)
+    reader = LayerReader(model, layers, key_rows, tok.pad_token_id, max_rows=5)  # chunks cut across facts
+    assert reader.midway == (arch == "llama") and len(reader.chunks) > 1
+    generator = torch.Generator().manual_seed(0)
+    for j, layer in enumerate(layers):
+        keys, hidden = reader.read(j)
+        for i, rows in enumerate(key_rows):
+            assert torch.allclose(keys[:, i], compute_key(model, layer, rows, tok.pad_token_id), atol=1e-5, rtol=1e-4)
+            assert torch.allclose(hidden[:, i], hidden_after(model, layers[-1], rows, tok.pad_token_id), atol=1e-5, rtol=1e-4)
+            if j == 0:
+                assert reader.last_keys is not None
+                expected = compute_key(model, layers[-1], rows, tok.pad_token_id)
+                assert torch.allclose(reader.last_keys[:, i], expected, atol=1e-5, rtol=1e-4)
+        name = editor.param_name(layer)  # as the batch does: this layer's update goes in before the next read
+        weight = model.get_parameter(name)
+        with torch.no_grad():
+            weight += 0.5 * torch.randn(weight.shape, generator=generator)
+    with pytest.raises(ValueError, match="in order"):
+        reader.read(0)

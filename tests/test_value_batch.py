@@ -62,8 +62,9 @@ def test_a_batch_of_one_matches_the_solo_optimisation_and_grouping_changes_nothi
     whole = optimise_values(model, hp, keys, facts, tok.pad_token_id)
     seen: list[tuple[str, float]] = []
     pairs = optimise_values(model, hp, keys, facts, tok.pad_token_id, group=2, progress=lambda s, f: seen.append((s, f)))
-    for a, b in zip(whole, pairs):
-        assert torch.allclose(a.delta, b.delta, rtol=1e-4, atol=1e-5)
+    for a, b in zip(whole, pairs):  # in input order, though the facts are grouped by suffix length
+        assert b.steps == a.steps
+        assert (b.delta - a.delta).norm() <= 1e-4 * a.delta.norm()  # padding: float rounding only
     assert seen[-1] == ("value", 1.0) and all(0 <= f <= 1 for _, f in seen)
 
 
