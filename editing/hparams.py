@@ -43,7 +43,8 @@ class RomeHyperParams:
     null_space_threshold: float = 2e-2  # alphaedit: eigenvalues of C below this span the editable directions
     cache_l2: float = 1e-2  # alphaedit: α, the ridge term of the projected solve
     batch_layers: tuple[int, ...] = ()  # memit: layers a batch is spread over (empty: the 5 ending at ``layer``)
-    mom2_weight: float = 100.0  # memit: λ in ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹ (measured at layer 9: README)
+    mom2_weight: float = 1000.0  # memit: λ in ΔW = R Kᵀ (λ C + K_c K_cᵀ + K Kᵀ)⁻¹ (100 facts over layers 5–9: README)
+    cache_weight: float = 1.0  # memit: weight of K_c, the keys of the edits already applied at the layer (0: off)
     exact_keys: int = 0  # 1: the update maps k*, the bare prompt's key and 2 chat keys each to the full delta
 
     def __post_init__(self) -> None:
@@ -75,6 +76,7 @@ class RomeHyperParams:
             (0 <= self.greedy_check <= 50, "greedy_check must be between 0 and 50 extra steps"),
             (self.update in ("r-rome", "alphaedit", "memit"), "update must be 'r-rome', 'alphaedit' or 'memit'"),
             (self.mom2_weight > 0, "mom2_weight must be positive"),
+            (self.cache_weight >= 0, "cache_weight must be zero or positive"),
             (all(isinstance(x, int) and x >= 0 for x in self.batch_layers), "batch_layers must be layer numbers"),
             (self.null_space_threshold > 0, "null_space_threshold must be positive"),
             (self.cache_l2 > 0, "cache_l2 must be positive"),

@@ -8,6 +8,9 @@ still missing at L divided by the number of layers left:
 
     ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹ = Σ_i r_i (M k_i)ᵀ,   M = (λ C_l + K Kᵀ)⁻¹  (symmetric)
 
+(with ``cache_weight`` > 0, M also holds ``K_c K_cᵀ``, the keys of the edits already applied at l, so
+a batch, or a single fact edited this way, leaves earlier edits' outputs where they were)
+
 so fact i's share of layer l is the rank-one ``r_i ⊗ M k_i``: a ``RankOneEdit`` of its own. A
 ``BatchEdit`` is these shares; reverting one fact removes its shares and rebuilds exactly from
 the others (the other facts keep the shares computed with it in K, as stored).
@@ -25,6 +28,7 @@ import torch
 
 from editing.arch import layer_name
 from editing.edit import RankOneEdit
+from editing.layers import can_start_midway, run_from
 from editing.nethook import StopForward, capture_input, edit_output, run_until
 from editing.placement import input_device
 from editing.rome import Progress, pad_batch
@@ -99,8 +103,6 @@ class LayerReader:
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[int], key_rows: Sequence[Sequence[Row]], pad_id: int,
                  max_rows: int = 512) -> None:  # fmt: skip
-        from editing.layers import can_start_midway
-
         self.model, self.layers, self.n = model, tuple(layers), len(key_rows)
         self.midway = can_start_midway(model)
         self.last_keys: torch.Tensor | None = None
@@ -135,8 +137,6 @@ class LayerReader:
     def _pass(self, chunk: _Chunk, j: int) -> dict[str, torch.Tensor]:
         """One forward pass of ``chunk`` for read ``j``: the key inputs at ``layers[j]`` (and at the last layer on
         read 0), the output of the last block, and (for the next read) block ``layers[j]``'s input."""
-        from editing.layers import run_from
-
         model, layer, last = self.model, self.layers[j], self.layers[-1]
         keep_start = self.midway and j + 1 < len(self.layers)
         box: dict[str, torch.Tensor] = {}
@@ -164,14 +164,20 @@ class LayerReader:
 
 
 def layer_shares(
-    cov: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, weight: float
+    cov: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, weight: float,
+    cache: torch.Tensor | None = None, cache_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, key_dirs)``: ``values`` = R (d_out, n), ``key_dirs`` = M K (d_in, n), so ΔW = values @ key_dirsᵀ.
 
-    Solved in float64 on the CPU; returned in float32.
+    ``cache`` (d_in, m) holds the keys of the edits already applied at this layer: with them in M, the
+    update also keeps those keys' outputs (``ΔW K_c ≈ 0``), which is what lets edits made one after
+    another coexist. Solved in float64 on the CPU; returned in float32.
     """
     k = keys.double().cpu()
     system = weight * cov.double().cpu() + k @ k.T  # (d_in, d_in), symmetric positive definite
+    if cache is not None and cache.shape[1] and cache_weight > 0:
+        c = cache.double().cpu()
+        system += cache_weight * (c @ c.T)
     key_dirs = torch.linalg.solve(system, k)  # (d_in, n)
     return resid.float().cpu(), key_dirs.float()
 
@@ -229,11 +235,13 @@ def compute_batch(
             if progress is not None:
                 progress("update", (j + 1) / len(layers))
             resid = (z - hidden) / (len(layers) - j)
-            values, key_dirs = layer_shares(editor.cov(layer, hp.stats_samples), keys, resid, hp.mom2_weight)
+            cache = editor.key_cache(layer)  # read before this layer's shares are added
+            values, key_dirs = layer_shares(editor.cov(layer, hp.stats_samples), keys, resid, hp.mom2_weight,
+                                            cache, hp.cache_weight)  # fmt: skip
             name = editor.param_name(layer)
             layer_hp = {**hp.replace(layer=layer).to_dict(), "update": "memit", "batch_layers": list(layers)}
             for i, request in enumerate(requests):
-                extra = {"update_norm": float(values[:, i].norm() * key_dirs[:, i].norm()),
+                extra = {"update_norm": float(values[:, i].norm() * key_dirs[:, i].norm()), "cache_keys": int(cache.shape[1]),
                          "steps": results[i].steps, "target_prob": results[i].target_prob,
                          "delta_norm": float(results[i].delta.norm()), "v0_norm": results[i].v0_norm}
                 shares[i].append(RankOneEdit(

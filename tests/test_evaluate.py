@@ -306,6 +306,29 @@ def test_watched_sequential_run_edits_every_case_and_scores_the_watched_ones_as_
             run_evaluation(model, tok, _editor(model, tok), cases, n=3, ftl=False, generation=no_text, **bad)
 
 
+def test_sequential_memit_rule_edits_each_case_as_a_batch_of_one_with_the_key_cache(tok) -> None:
+    cases = load_cases(FIXTURES / "counterfact_original.json")[0] + load_cases(FIXTURES / "counterfact_flat.json")[0]
+    no_text = GenerationSettings(max_new_tokens=0)
+    model = tiny_llama(tok, layers=3)  # on these models the last block's output moves no logit: edit below it
+    editor = _editor(model, tok)
+    for layer in (0, 1):
+        editor._covs[(layer, editor.hparams.stats_samples)] = torch.eye(model.config.intermediate_size, dtype=torch.float64)
+    overrides = {"batch_layers": (0, 1), "mom2_weight": 1.0}
+    result = run_evaluation(model, tok, editor, cases, "sequential", n=3, seed=0, layer=1, ftl=False,
+                            generation=no_text, checkpoints=1, rome_overrides=overrides,
+                            updates=("r-rome", "memit"))  # fmt: skip
+    assert list(result.rows) == [UNEDITED, "ROME", "MEMIT-1"] and not editor.applied
+    for r in result.cases:  # by hand: one batch per case, each solved with the keys of those before it
+        batch = editor.compute_batch([r.case.request()], **overrides, layer=1)
+        assert [s.stats["cache_keys"] for s in batch.edits] == [len(editor.applied) // 2] * 2
+        editor.apply(batch)
+    norms = result.update_norms["MEMIT-1"]
+    assert len(norms) == 3 and all(x > 0 for x in norms)
+    for r in result.cases:
+        assert score_case(model, tok, r.case, no_text, 0).em == pytest.approx(r.scores["MEMIT-1"].em, abs=1e-6)
+    editor.reset()
+
+
 def test_run_refuses_an_edited_model_and_a_bad_mode(tok) -> None:
     model = tiny_llama(tok)
     editor = _editor(model, tok)

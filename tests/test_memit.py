@@ -113,6 +113,24 @@ def test_duplicate_facts_and_bad_layers_are_refused(setup) -> None:  # type: ign
         editor.compute(FACTS[0], update="memit")
 
 
+def test_the_key_cache_keeps_earlier_edits_outputs(setup) -> None:  # type: ignore[no-untyped-def]
+    """A later batch's update barely moves the keys of the edits already applied when they are in its solve."""
+    model, tok, editor, _, _, batch, _ = setup
+    editor.apply(batch.fact(0))
+    editor.apply(batch.fact(1))
+    moved = {}
+    for weight in (0.0, 1.0):
+        later = editor.compute_batch([FACTS[2]], cache_weight=weight)
+        moved[weight] = []
+        for j, share in enumerate(later.facts[0]):
+            cached = editor.key_cache(share.layer)  # the two earlier facts' keys at this layer
+            assert cached.shape[1] == 2 and [c.stats["cache_keys"] for c in later.facts[0]][j] == 2
+            torch.testing.assert_close(cached, torch.stack([batch.facts[0][j].key, batch.facts[1][j].key], 1))
+            moved[weight].append(float((torch.outer(share.value_dir, share.key_dir) @ cached).norm()))
+    # mom2_weight 1 on these tiny models: the cache term is as strong as C, so it must show clearly
+    assert all(with_cache < 0.5 * without for with_cache, without in zip(moved[1.0], moved[0.0])), moved
+
+
 # Prompts ending in the subject: on these 4-layer random models an edit at layer 1 can then move the
 # next token (facts with more words after the subject do not move, even edited alone).
 ES_FACTS = [

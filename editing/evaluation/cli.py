@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default="independent",
                         help="independent: one edit at a time; sequential: edits accumulate; batch: MEMIT batches")
     parser.add_argument("--layers", type=int, nargs="+", default=None,
-                        help="batch mode: MEMIT's layers, ascending (default: the 5 ending at --layer)")
+                        help="batch mode and --update memit: MEMIT's layers, ascending (default: the 5 ending at --layer)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch mode: facts per batch (default: all n)")
     parser.add_argument("--json", type=Path, default=None, help="write every per-case number here")
     parser.add_argument("--model", default=None, help="model source (default: the embedded SmolLM2)")
@@ -92,8 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="reply length of the chat metrics CE/CO/NC, with the app's chat settings (0: no generation metrics)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a ROME hyperparameter for the edits, e.g. --set stop_on=worst (repeatable)")
-    parser.add_argument("--update", nargs="+", choices=UPDATES, default=["r-rome"],
-                        help="update rule(s), compared side by side (default r-rome)")
+    parser.add_argument("--update", nargs="+", choices=(*UPDATES, "memit"), default=["r-rome"],
+                        help="update rule(s), compared side by side (default r-rome); memit: each case a batch of one "
+                             "over --layers")
     parser.add_argument("--null-space-threshold", type=float, default=None, help="alphaedit's eigenvalue threshold")
     return parser
 
@@ -136,8 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not cases:
             raise ValueError(f"{args.data} holds no usable case ({skipped.count} skipped)")
         overrides = _overrides(args.set)
-        if args.mode != "batch" and (args.layers or args.batch_size):
-            raise ValueError("--layers and --batch-size belong to --mode batch")
+        if args.mode != "batch" and args.batch_size:
+            raise ValueError("--batch-size belongs to --mode batch")
+        if args.layers and args.mode != "batch" and "memit" not in args.update:
+            raise ValueError("--layers belongs to --mode batch or --update memit")
         if args.layers:
             if args.layer is not None and args.layer != args.layers[-1]:
                 raise ValueError("--layer must be the last of --layers: MEMIT optimises the values there")

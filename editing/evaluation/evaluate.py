@@ -8,6 +8,7 @@ together with MEMIT, in batches (``editing.evaluation.batch``), and scores them 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -44,15 +45,23 @@ class Method(Protocol):
     def restore(self) -> None: ...
 
 
+ROW_NAMES = {"r-rome": "ROME", "alphaedit": "AlphaEdit", "memit": "MEMIT-1"}
+
+
 class RomeMethod:
-    """ROME with the update ``update`` names: "r-rome" (row "ROME") or "alphaedit" (row "AlphaEdit")."""
+    """One edit per case with the update ``update`` names: "r-rome" (row "ROME"), "alphaedit" (row
+    "AlphaEdit") or "memit" (row "MEMIT-1": a batch of one fact over ``batch_layers``, ending at ``layer``)."""
 
     def __init__(self, editor: RomeEditor, layer: int, overrides: dict[str, Any] | None = None,
                  update: str = "r-rome") -> None:  # fmt: skip
         self.editor, self.layer, self.overrides, self.update = editor, layer, dict(overrides or {}), update
-        self.name = "ROME" if update == "r-rome" else "AlphaEdit"
+        self.name = ROW_NAMES[update]
 
     def apply(self, case: Case) -> float:
+        if self.update == "memit":
+            batch = self.editor.compute_batch([case.request()], **{**self.overrides, "layer": self.layer})
+            self.editor.apply(batch)
+            return math.sqrt(sum(s.update_norm**2 for s in batch.edits))  # the layers' updates are separate matrices
         edit = self.editor.compute(case.request(), **{**self.overrides, "layer": self.layer, "update": self.update})
         self.editor.apply(edit)
         return edit.update_norm
