@@ -74,13 +74,12 @@ def estimate_restorations(
     ``corrupted`` holds the S noised copies' states (S, T, d); ``grads`` the metric's gradients at
     R = S·m rows (sample s's m path points at rows s, s + S, …), summed over the rows.
     """
-    def diff(j: int) -> torch.Tensor:
+    def term(j: int) -> torch.Tensor:  # (T,)
         d = clean[(kind, j)].float() - corrupted[(kind, j)].detach().float()  # (S, T, d)
-        return d.repeat(grads[(kind, j)].shape[0] // d.shape[0], 1, 1)
+        g = grads[(kind, j)].float()  # (m·S, T, d): row i·S + s is sample s at path point i
+        return (d * g.view(-1, *d.shape).sum(0)).sum((0, 2))  # the path points share the difference
 
-    single = torch.stack([
-        (diff(j) * grads[(kind, j)].float()).sum((0, 2)) for j in range(total)
-    ], dim=1)  # fmt: skip  (T, L): summed over the rows, whose mean the metric is
+    single = torch.stack([term(j) for j in range(total)], dim=1)  # (T, L): summed over the rows, whose mean the metric is
     out = torch.empty_like(single)
     for layer in range(total):
         out[:, layer] = single[:, list(_restored_layers(kind, layer, window, total))].sum(1)
