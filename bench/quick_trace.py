@@ -1,6 +1,7 @@
 """Quick trace (attribution patching) against the exact causal trace on facts the default model knows.
 
     nice -n 10 python -m bench.quick_trace --n 20 --samples 3
+    python -m bench.quick_trace --n 20 --few 2 3 --precision float32
 
 For each of the first ``--n`` facts of ``../shared/data/known_1000.json`` that the model knows
 (as in ``bench/trace_known_facts.py``), runs the exact trace (MLP only, bfloat16 arithmetic,
@@ -49,11 +50,17 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=3, help="noise samples of the exact trace (and the matched quick one)")
     ap.add_argument("--precision", default="bfloat16", help="arithmetic of the exact trace")
     ap.add_argument("--steps", type=int, nargs="+", default=[1], help="path points of the quick trace (1: plain attribution patching)")
+    ap.add_argument("--few", type=int, nargs="+", default=None, metavar="S",
+                    help="instead: the exact trace with S samples (other noise) against the exact trace with "
+                         f"{LOCATE_SAMPLES}, all three heatmaps timed")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     model, tok = load_model()
     noise = 3 * embedding_std(model, tok)
     facts = list(itertools.islice((r for r in json.loads(DATA.read_text()) if knows(model, tok, r)), args.n))
+    if args.few:
+        few_samples(model, tok, facts, noise, args)
+        return
     rows: dict[int, list] = {m: [] for m in args.steps}  # type: ignore[type-arg]
     print("fact | steps | rho (same noise) | rho (10 samples) | layer exact / quick | exact s | quick s (3 maps)", flush=True)
     for record in facts:
@@ -77,6 +84,34 @@ def main() -> None:
                   f"{t_exact:6.1f} | {t_quick:5.2f}", flush=True)  # fmt: skip
     for m, got in rows.items():
         summarise(m, got, args)
+
+
+def few_samples(model, tok, facts: list, noise: float, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def,type-arg]
+    """The exact trace with fewer noise samples (seed 1: noise independent of the reference's) against
+    the Locate tab's exact trace (``LOCATE_SAMPLES`` samples, seed 0), in ``--precision``."""
+    rows: dict[int, list] = {s: [] for s in args.few}  # type: ignore[type-arg]
+    print(f"fact | samples | rho (MLP, vs {LOCATE_SAMPLES} samples) | layer ref / few | ref s (MLP) | few s (3 maps)", flush=True)
+    for record in facts:
+        prompt, subject = record["prompt"], record["subject"]
+        t0 = time.perf_counter()
+        ref = trace(model, tok, prompt, subject, samples=LOCATE_SAMPLES, noise=noise, kinds=("mlp",), precision=args.precision)
+        t_ref = time.perf_counter() - t0
+        first = ref.subject_range[0]
+        for s in args.few:
+            t0 = time.perf_counter()
+            few = trace(model, tok, prompt, subject, samples=s, noise=noise, seed=1, precision=args.precision)
+            t_few = time.perf_counter() - t0
+            rho = spearman(ref.indirect_effect("mlp")[first:], few.indirect_effect("mlp")[first:])
+            layers = best_at_last_subject(ref)[0], best_at_last_subject(few)[0]
+            rows[s].append((rho, layers, t_ref, t_few))
+            print(f"{subject[:28]:28s} | {s:2d} | {rho:5.3f} | {layers[0]:2d} / {layers[1]:2d} | {t_ref:5.1f} | {t_few:5.2f}", flush=True)
+    for s, got in rows.items():
+        n = len(got)
+        print(f"--- exact trace with {s} samples ({args.precision}), {n} facts: MLP rank correlation median "
+              f"{statistics.median(r[0] for r in got):.3f} mean {statistics.mean(r[0] for r in got):.3f} "
+              f"min {min(r[0] for r in got):.3f}; suggested layer same {sum(r[1][0] == r[1][1] for r in got)}/{n}, "
+              f"within one {sum(abs(r[1][0] - r[1][1]) <= 1 for r in got)}/{n}; three heatmaps median "
+              f"{statistics.median(r[3] for r in got):.2f} s (reference MLP only {statistics.median(r[2] for r in got):.1f} s)")
 
 
 def summarise(m: int, rows: list, args: argparse.Namespace) -> None:  # type: ignore[type-arg]

@@ -182,6 +182,22 @@ def layer_shares(
     return resid.float().cpu(), key_dirs.float()
 
 
+def projected_shares(
+    projection: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, cache: torch.Tensor, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit's layer update as ``(values, key_dirs)``: ΔW = R Kᵀ P (P (K_c K_cᵀ + K Kᵀ) + α I)⁻¹ᵀ.
+
+    ``projection`` is P, onto the directions of C with small eigenvalues (``editing.projection``): the
+    key directions lie in its range, so a key that P removes (preserved knowledge) sees no change, and
+    the keys of the edits already applied (``cache``) almost none. Fact i's share is ``r_i ⊗ x_i`` with
+    x = (P (K_c K_cᵀ + K Kᵀ) + α I)⁻¹ P k_i. float64 solve on the CPU; float32 out.
+    """
+    k, c, p = keys.double().cpu(), cache.double().cpu(), projection.double().cpu()
+    system = p @ (c @ c.T + k @ k.T) + l2 * torch.eye(k.shape[0], dtype=torch.float64)
+    key_dirs = torch.linalg.solve(system, p @ k)  # (d_in, n)
+    return resid.float().cpu(), key_dirs.float()
+
+
 def new_batch_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -205,11 +221,15 @@ def _check_requests(requests: Sequence[EditRequest]) -> None:
 def compute_batch(
     editor: RomeEditor, requests: Sequence[EditRequest], progress: Progress | None = None, **overrides: object
 ) -> BatchEdit:
-    """MEMIT over ``hp.batch_layers`` for ``requests`` on the current weights; the weights are unchanged on return."""
+    """MEMIT over ``hp.batch_layers`` for ``requests`` on the current weights; the weights are unchanged on return.
+
+    With ``update="alphaedit"`` each layer's update is AlphaEdit's projected solve instead of MEMIT's.
+    """
     from editing.value_batch import optimise_values  # value imports rome; keep this module's import graph flat
 
     _check_requests(requests)
     hp = editor.hparams_for(requests[0], **overrides)
+    projected = hp.update == "alphaedit"  # AlphaEdit's null-space projection at every layer; otherwise MEMIT's solve
     layers = editor.batch_layers(hp)
     rows = [editor.rows(r, hp) for r in requests]
     model, pad, last = editor.model, editor.tok.pad_token_id, layers[-1]
@@ -236,14 +256,21 @@ def compute_batch(
                 progress("update", (j + 1) / len(layers))
             resid = (z - hidden) / (len(layers) - j)
             cache = editor.key_cache(layer)  # read before this layer's shares are added
-            values, key_dirs = layer_shares(editor.cov(layer, hp.stats_samples), keys, resid, hp.mom2_weight,
-                                            cache, hp.cache_weight)  # fmt: skip
+            if projected:
+                projection = editor.projection(layer, hp.stats_samples, hp.null_space_threshold)
+                values, key_dirs = projected_shares(projection.matrix, keys, resid, cache, hp.cache_l2)
+                kept = {"projection_dims": projection.dims}
+            else:
+                values, key_dirs = layer_shares(editor.cov(layer, hp.stats_samples), keys, resid, hp.mom2_weight,
+                                                cache, hp.cache_weight)  # fmt: skip
+                kept = {}
             name = editor.param_name(layer)
-            layer_hp = {**hp.replace(layer=layer).to_dict(), "update": "memit", "batch_layers": list(layers)}
+            layer_hp = {**hp.replace(layer=layer).to_dict(), "update": "alphaedit" if projected else "memit",
+                        "batch_layers": list(layers)}  # fmt: skip
             for i, request in enumerate(requests):
                 extra = {"update_norm": float(values[:, i].norm() * key_dirs[:, i].norm()), "cache_keys": int(cache.shape[1]),
                          "steps": results[i].steps, "target_prob": results[i].target_prob,
-                         "delta_norm": float(results[i].delta.norm()), "v0_norm": results[i].v0_norm}
+                         "delta_norm": float(results[i].delta.norm()), "v0_norm": results[i].v0_norm, **kept}
                 shares[i].append(RankOneEdit(
                     request=request, layer=layer, param_name=name, value_dir=values[:, i].clone(),
                     key_dir=key_dirs[:, i].clone(), hparams=layer_hp, fingerprint=editor.fingerprint,

@@ -12,7 +12,7 @@ from editing.defaults import DEVICE_MAPS
 from editing.editor import RomeEditor
 from editing.evaluation.chat_metrics import GEN_METRICS, GenSettings
 from editing.evaluation.datasets import load_cases
-from editing.evaluation.evaluate import MODES, EvalResult, run_evaluation
+from editing.evaluation.evaluate import LAYERED, MODES, EvalResult, run_evaluation
 from editing.evaluation.metrics import METRICS, GenerationSettings
 from editing.generation import ChatSettings
 from editing.projection import UPDATES
@@ -92,9 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="reply length of the chat metrics CE/CO/NC, with the app's chat settings (0: no generation metrics)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a ROME hyperparameter for the edits, e.g. --set stop_on=worst (repeatable)")
-    parser.add_argument("--update", nargs="+", choices=(*UPDATES, "memit"), default=["r-rome"],
-                        help="update rule(s), compared side by side (default r-rome); memit: each case a batch of one "
-                             "over --layers")
+    parser.add_argument("--update", nargs="+", choices=(*UPDATES, *LAYERED), default=["r-rome"],
+                        help="update rule(s), compared side by side (default r-rome); memit, alphaedit-layers: each "
+                             "case a batch of one over --layers, by MEMIT's or AlphaEdit's solve")
     parser.add_argument("--null-space-threshold", type=float, default=None, help="alphaedit's eigenvalue threshold")
     return parser
 
@@ -139,8 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = _overrides(args.set)
         if args.mode != "batch" and args.batch_size:
             raise ValueError("--batch-size belongs to --mode batch")
-        if args.layers and args.mode != "batch" and "memit" not in args.update:
-            raise ValueError("--layers belongs to --mode batch or --update memit")
+        if args.layers and args.mode != "batch" and not set(LAYERED) & set(args.update):
+            raise ValueError("--layers belongs to --mode batch, --update memit or alphaedit-layers")
         if args.layers:
             if args.layer is not None and args.layer != args.layers[-1]:
                 raise ValueError("--layer must be the last of --layers: MEMIT optimises the values there")

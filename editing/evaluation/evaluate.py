@@ -45,12 +45,14 @@ class Method(Protocol):
     def restore(self) -> None: ...
 
 
-ROW_NAMES = {"r-rome": "ROME", "alphaedit": "AlphaEdit", "memit": "MEMIT-1"}
+ROW_NAMES = {"r-rome": "ROME", "alphaedit": "AlphaEdit", "memit": "MEMIT-1", "alphaedit-layers": "AlphaEdit-1"}
+LAYERED = {"memit": "memit", "alphaedit-layers": "alphaedit"}  # a batch of one over batch_layers, by each layer's solve
 
 
 class RomeMethod:
     """One edit per case with the update ``update`` names: "r-rome" (row "ROME"), "alphaedit" (row
-    "AlphaEdit") or "memit" (row "MEMIT-1": a batch of one fact over ``batch_layers``, ending at ``layer``)."""
+    "AlphaEdit"), "memit" (row "MEMIT-1": a batch of one fact over ``batch_layers``, ending at ``layer``)
+    or "alphaedit-layers" (row "AlphaEdit-1": the same with AlphaEdit's projected solve at each layer)."""
 
     def __init__(self, editor: RomeEditor, layer: int, overrides: dict[str, Any] | None = None,
                  update: str = "r-rome") -> None:  # fmt: skip
@@ -58,8 +60,9 @@ class RomeMethod:
         self.name = ROW_NAMES[update]
 
     def apply(self, case: Case) -> float:
-        if self.update == "memit":
-            batch = self.editor.compute_batch([case.request()], **{**self.overrides, "layer": self.layer})
+        if self.update in LAYERED:
+            batch = self.editor.compute_batch([case.request()], **{**self.overrides, "layer": self.layer,
+                                                                   "update": LAYERED[self.update]})  # fmt: skip
             self.editor.apply(batch)
             return math.sqrt(sum(s.update_norm**2 for s in batch.edits))  # the layers' updates are separate matrices
         edit = self.editor.compute(case.request(), **{**self.overrides, "layer": self.layer, "update": self.update})
