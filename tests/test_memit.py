@@ -190,3 +190,23 @@ def test_layer_reads_match_one_fact_at_a_time_after_each_layer_update(arch: str)
             weight += 0.5 * torch.randn(weight.shape, generator=generator)
     with pytest.raises(ValueError, match="in order"):
         reader.read(0)
+
+def test_projected_layer_shares_leave_preserved_and_cached_keys_alone() -> None:
+    """AlphaEdit's layer solve: a key in C's large-eigenvalue directions gets no change, cached keys almost none, new keys land."""
+    from editing.memit import projected_shares
+    from editing.projection import null_space_projection
+
+    torch.manual_seed(0)
+    d, n, m = 24, 3, 4
+    basis, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    evals = torch.cat([torch.full((8,), 5.0), torch.full((d - 8,), 1e-3)]).double()
+    cov = basis @ torch.diag(evals) @ basis.T
+    projection = null_space_projection(cov, threshold=1e-2)  # the 16 small directions
+    preserved = basis[:, :8] @ torch.randn(8, dtype=torch.float64)  # lies where C is large: P removes it
+    keys, cache, resid = torch.randn(d, n), torch.randn(d, m), torch.randn(6, n)
+    values, key_dirs = projected_shares(projection.matrix, keys, resid, cache, l2=1e-6)
+    delta = values.double() @ key_dirs.double().T  # (d_out, d_in)
+    assert float((delta @ preserved).norm()) < 1e-4 * float(resid.norm() * preserved.norm())
+    assert float((delta @ cache.double()).norm()) < 1e-2 * float((delta @ keys.double()).norm())
+    # with fewer keys than editable directions, the new keys land their residuals exactly
+    torch.testing.assert_close(delta @ keys.double(), resid.double(), atol=1e-5, rtol=1e-5)
