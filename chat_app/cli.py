@@ -53,9 +53,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     edit.add_argument("--strengthen", action="store_true",
                       help="for an edit that does not show in the answer: "
                       + ", ".join(f"{k}={v}" for k, v in STRENGTHENED.items()))  # fmt: skip
-    edit.add_argument("--update", choices=("r-rome", "alphaedit"),
-                      help="the update rule (default: the model's, r-ROME); alphaedit keeps more of the neighbourhood "
-                      "over long sequences of corrections (README, Many corrections)")  # fmt: skip
+    edit.add_argument("--update", choices=("r-rome", "alphaedit", "memit"),
+                      help="the update rule (default: the model's, r-ROME); memit spreads the fact over 5 layers as a "
+                      "batch of one, solved with the keys of the edits already applied: it keeps the most of the "
+                      "neighbourhood over long sequences of corrections (README, Many corrections)")  # fmt: skip
     edit.add_argument("--json", action="store_true")
     history = sub.add_parser("history", help="list the ledger")
     history.add_argument("--status")
@@ -148,6 +149,8 @@ def run_command(args: argparse.Namespace, service: EditService) -> int:
         if not (args.subject and args.relation and args.target):
             raise ValueError("edit needs --subject, --relation and --target, or --file")
         request = EditRequest(args.subject, args.relation, args.target, args.layer)
+        if args.update == "memit":
+            return _edit_layered(args, service, request)
         result = service.apply(request, paraphrases=args.paraphrase, neighbours=args.neighbour, note=args.note,
                                allow_outlier=args.force, force=args.force, progress=_progress,
                                **(STRENGTHENED if args.strengthen else {}),
@@ -212,6 +215,21 @@ def _without_model(args: argparse.Namespace, settings: Settings) -> int | None:
                   "integrity: " + "; ".join(problems) + "\n" + DAMAGE_ADVICE)  # fmt: skip
             return 1
     return None
+
+
+def _edit_layered(args: argparse.Namespace, service: EditService, request: Any) -> int:
+    """``edit --update memit``: the fact as a MEMIT batch of one (recorded, reverted and replayed like any batch fact)."""
+    if args.strengthen:
+        raise ValueError("--strengthen belongs to the single-layer update; --update memit spreads the fact over layers")
+    result = service.apply_batch([request], checks=[(args.paraphrase, args.neighbour)], note=args.note,
+                                 allow_outlier=args.force, progress=_progress)  # fmt: skip
+    record, probes = result.records[0], result.probes[0]
+    data = {**_row(record), "superseded": list(result.superseded), "stats": result.stats,
+            "probes": [p.to_dict() for p in probes]}  # fmt: skip
+    text = _table([p.to_dict() for p in probes], ["kind", "prompt", "before", "after", "holds"])
+    sup = f"; superseded {list(result.superseded)}" if result.superseded else ""
+    _emit(args, data, f"applied edit #{record.id} at layers {result.stats.get('layers')} (batch {result.batch_id}){sup}\n{text}")
+    return 0
 
 
 def _edit_file(args: argparse.Namespace, service: EditService) -> int:

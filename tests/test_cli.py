@@ -63,8 +63,14 @@ def test_cli_edit_chooses_the_update_rule(run) -> None:  # type: ignore[no-untyp
     code, out, _ = run("edit", "--subject", "Big Ben", "--relation", "Located in {}", "--target", "rome", "--json")
     assert code == 0 and "cache_keys" not in json.loads(out)["stats"]  # the default: r-ROME, no key cache
     assert [r["subject"] for r in json.loads(run("history", "--json")[1])] == ["Big Ben"]  # the refusal changed nothing
-    with pytest.raises(SystemExit):  # a batch rule, not one for a single edit: argparse refuses it
-        run("edit", "--subject", "x", "--relation", "{} y", "--target", "z", "--update", "memit")
+    code, out, _ = run("edit", "--subject", "The Colosseum", "--relation", "Located in {}", "--target", "oslo",
+                       "--update", "memit", "--json")  # fmt: skip
+    shown = json.loads(out)
+    assert code == 0 and shown["batch_id"] and len(shown["stats"]["layers"]) > 1  # a batch of one over several layers
+    history = json.loads(run("history", "--json")[1])
+    assert [r["subject"] for r in history] == ["The Colosseum", "Big Ben"] and history[0]["batch_id"] == shown["batch_id"]
+    with pytest.raises(SystemExit):  # not an update rule: argparse refuses it
+        run("edit", "--subject", "x", "--relation", "{} y", "--target", "z", "--update", "rank-two")
 
 
 def test_cli_errors_exit_non_zero_with_a_message(run) -> None:  # type: ignore[no-untyped-def]
