@@ -2,6 +2,7 @@
 
     nice -n 10 python -m bench.quick_trace --n 20 --samples 3
     python -m bench.quick_trace --n 20 --few 2 3 --precision float32
+    python -m bench.quick_trace --n 8 --few 10 --few-kinds mlp    # the exact trace against itself, other noise
 
 For each of the first ``--n`` facts of ``../shared/data/known_1000.json`` that the model knows
 (as in ``bench/trace_known_facts.py``), runs the exact trace (MLP only, bfloat16 arithmetic,
@@ -52,7 +53,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[1], help="path points of the quick trace (1: plain attribution patching)")
     ap.add_argument("--few", type=int, nargs="+", default=None, metavar="S",
                     help="instead: the exact trace with S samples (other noise) against the exact trace with "
-                         f"{LOCATE_SAMPLES}, all three heatmaps timed")
+                         f"{LOCATE_SAMPLES}, timed")
+    ap.add_argument("--few-kinds", nargs="+", default=["hidden", "mlp", "attn"],
+                    help="with --few: the heatmaps the few-sample trace computes (mlp alone: the reference's own noise)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     model, tok = load_model()
@@ -90,7 +93,7 @@ def few_samples(model, tok, facts: list, noise: float, args: argparse.Namespace)
     """The exact trace with fewer noise samples (seed 1: noise independent of the reference's) against
     the Locate tab's exact trace (``LOCATE_SAMPLES`` samples, seed 0), in ``--precision``."""
     rows: dict[int, list] = {s: [] for s in args.few}  # type: ignore[type-arg]
-    print(f"fact | samples | rho (MLP, vs {LOCATE_SAMPLES} samples) | layer ref / few | ref s (MLP) | few s (3 maps)", flush=True)
+    print(f"fact | samples | rho (MLP, vs {LOCATE_SAMPLES} samples) | layer ref / few | ref s (MLP) | few s", flush=True)
     for record in facts:
         prompt, subject = record["prompt"], record["subject"]
         t0 = time.perf_counter()
@@ -99,7 +102,8 @@ def few_samples(model, tok, facts: list, noise: float, args: argparse.Namespace)
         first = ref.subject_range[0]
         for s in args.few:
             t0 = time.perf_counter()
-            few = trace(model, tok, prompt, subject, samples=s, noise=noise, seed=1, precision=args.precision)
+            few = trace(model, tok, prompt, subject, samples=s, noise=noise, seed=1, precision=args.precision,
+                        kinds=tuple(args.few_kinds))  # fmt: skip
             t_few = time.perf_counter() - t0
             rho = spearman(ref.indirect_effect("mlp")[first:], few.indirect_effect("mlp")[first:])
             layers = best_at_last_subject(ref)[0], best_at_last_subject(few)[0]
@@ -110,8 +114,8 @@ def few_samples(model, tok, facts: list, noise: float, args: argparse.Namespace)
         print(f"--- exact trace with {s} samples ({args.precision}), {n} facts: MLP rank correlation median "
               f"{statistics.median(r[0] for r in got):.3f} mean {statistics.mean(r[0] for r in got):.3f} "
               f"min {min(r[0] for r in got):.3f}; suggested layer same {sum(r[1][0] == r[1][1] for r in got)}/{n}, "
-              f"within one {sum(abs(r[1][0] - r[1][1]) <= 1 for r in got)}/{n}; three heatmaps median "
-              f"{statistics.median(r[3] for r in got):.2f} s (reference MLP only {statistics.median(r[2] for r in got):.1f} s)")
+              f"within one {sum(abs(r[1][0] - r[1][1]) <= 1 for r in got)}/{n}; median "
+              f"{statistics.median(r[3] for r in got):.2f} s for {'+'.join(args.few_kinds)} (reference MLP only {statistics.median(r[2] for r in got):.1f} s)")
 
 
 def summarise(m: int, rows: list, args: argparse.Namespace) -> None:  # type: ignore[type-arg]
