@@ -21,7 +21,7 @@ from chat_app.settings import Settings, ledger_url
 from db import Ledger
 from db.durability import file_problems
 from db.engine import sqlite_file
-from editing.defaults import EXPORT_FORMATS, STRENGTHENED
+from editing.defaults import EXPORT_FORMATS, LAYERED, STRENGTHENED
 
 if TYPE_CHECKING:
     from chat_app.service import EditService
@@ -53,10 +53,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     edit.add_argument("--strengthen", action="store_true",
                       help="for an edit that does not show in the answer: "
                       + ", ".join(f"{k}={v}" for k, v in STRENGTHENED.items()))  # fmt: skip
-    edit.add_argument("--update", choices=("r-rome", "alphaedit", "memit"),
-                      help="the update rule (default: the model's, r-ROME); memit spreads the fact over 5 layers as a "
-                      "batch of one, solved with the keys of the edits already applied: it keeps the most of the "
-                      "neighbourhood over long sequences of corrections (README, Many corrections)")  # fmt: skip
+    edit.add_argument("--update", choices=("r-rome", "alphaedit", *LAYERED),
+                      help="the update rule (default: the model's, r-ROME); memit and alphaedit-layers spread the fact "
+                      "over 5 layers as a batch of one, solved with the keys of the edits already applied (MEMIT's or "
+                      "AlphaEdit's solve): they keep far more of the neighbourhood over long sequences of corrections "
+                      "(README, Many corrections)")  # fmt: skip
     edit.add_argument("--json", action="store_true")
     history = sub.add_parser("history", help="list the ledger")
     history.add_argument("--status")
@@ -149,8 +150,8 @@ def run_command(args: argparse.Namespace, service: EditService) -> int:
         if not (args.subject and args.relation and args.target):
             raise ValueError("edit needs --subject, --relation and --target, or --file")
         request = EditRequest(args.subject, args.relation, args.target, args.layer)
-        if args.update == "memit":
-            return _edit_layered(args, service, request)
+        if args.update in LAYERED:
+            return _edit_layered(args, service, request, LAYERED[args.update])
         result = service.apply(request, paraphrases=args.paraphrase, neighbours=args.neighbour, note=args.note,
                                allow_outlier=args.force, force=args.force, progress=_progress,
                                **(STRENGTHENED if args.strengthen else {}),
@@ -217,12 +218,13 @@ def _without_model(args: argparse.Namespace, settings: Settings) -> int | None:
     return None
 
 
-def _edit_layered(args: argparse.Namespace, service: EditService, request: Any) -> int:
-    """``edit --update memit``: the fact as a MEMIT batch of one (recorded, reverted and replayed like any batch fact)."""
+def _edit_layered(args: argparse.Namespace, service: EditService, request: Any, solve: str) -> int:
+    """``edit --update memit|alphaedit-layers``: the fact as a batch of one (recorded, reverted and replayed like any batch fact)."""
     if args.strengthen:
-        raise ValueError("--strengthen belongs to the single-layer update; --update memit spreads the fact over layers")
+        raise ValueError(f"--strengthen belongs to the single-layer update; --update {args.update} spreads the fact over layers")
+    extra = {"update": solve} if solve != "memit" else {}  # compute_batch: MEMIT's solve unless "alphaedit"
     result = service.apply_batch([request], checks=[(args.paraphrase, args.neighbour)], note=args.note,
-                                 allow_outlier=args.force, progress=_progress)  # fmt: skip
+                                 allow_outlier=args.force, progress=_progress, **extra)  # fmt: skip
     record, probes = result.records[0], result.probes[0]
     data = {**_row(record), "superseded": list(result.superseded), "stats": result.stats,
             "probes": [p.to_dict() for p in probes]}  # fmt: skip

@@ -14,6 +14,8 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PRECISIONS = ("auto", "float32", "bfloat16")  # "auto" first: the rest are what it resolves to
 EXPORT_FORMATS = ("hf", "peft", "gguf")  # merged checkpoint, LoRA adapter, GGUF file
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named placements
+# Update rules that edit one fact as a batch of one over the batch layers -> the layer solve compute_batch uses
+LAYERED = {"memit": "memit", "alphaedit-layers": "alphaedit"}
 
 
 def cache_dir() -> Path:

@@ -69,6 +69,9 @@ def test_cli_edit_chooses_the_update_rule(run) -> None:  # type: ignore[no-untyp
     assert code == 0 and shown["batch_id"] and len(shown["stats"]["layers"]) > 1  # a batch of one over several layers
     history = json.loads(run("history", "--json")[1])
     assert [r["subject"] for r in history] == ["The Colosseum", "Big Ben"] and history[0]["batch_id"] == shown["batch_id"]
+    code, _, err = run("edit", "--subject", "Big Ben", "--relation", "Located in {}", "--target", "oslo",
+                       "--update", "alphaedit-layers")  # fmt: skip
+    assert code == 2 and "null-space threshold" in err  # AlphaEdit's solve at each layer reached the engine
     with pytest.raises(SystemExit):  # not an update rule: argparse refuses it
         run("edit", "--subject", "x", "--relation", "{} y", "--target", "z", "--update", "rank-two")
 

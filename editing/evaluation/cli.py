@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from editing.defaults import DEVICE_MAPS
+from editing.defaults import DEVICE_MAPS, LAYERED
 from editing.editor import RomeEditor
 from editing.evaluation.chat_metrics import GEN_METRICS, GenSettings
 from editing.evaluation.datasets import load_cases
-from editing.evaluation.evaluate import LAYERED, MODES, EvalResult, run_evaluation
+from editing.evaluation.evaluate import MODES, EvalResult, run_evaluation
 from editing.evaluation.metrics import METRICS, GenerationSettings
 from editing.generation import ChatSettings
 from editing.projection import UPDATES

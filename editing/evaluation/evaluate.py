@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.arch import mlp_out_param_name
+from editing.defaults import LAYERED
 from editing.evaluation.datasets import Case, sample_cases
 from editing.editor import RomeEditor
 from editing.fingerprint import tensor_checksum
@@ -46,7 +47,6 @@ class Method(Protocol):
 
 
 ROW_NAMES = {"r-rome": "ROME", "alphaedit": "AlphaEdit", "memit": "MEMIT-1", "alphaedit-layers": "AlphaEdit-1"}
-LAYERED = {"memit": "memit", "alphaedit-layers": "alphaedit"}  # a batch of one over batch_layers, by each layer's solve
 
 
 class RomeMethod:
