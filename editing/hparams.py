@@ -39,7 +39,7 @@ class RomeHyperParams:
     chat_keys: int = 0  # chat-wrapped contexts added to the key average
     stop_on: str = "mean"  # early stop when the "mean" or the "worst" value prompt's NLL is below early_stop_loss
     greedy_check: int = 0  # >0: also stop only once the greedy answer is the target; at most this many extra steps
-    update: str = "r-rome"  # "r-rome" (C⁻¹-weighted) or "alphaedit" (null-space projected, with the key cache)
+    update: str = "r-rome"  # "r-rome" (C⁻¹-weighted) or "alphaedit" (null-space projected, with the key cache; in compute_batch: at every batch layer)
     null_space_threshold: float = 2e-2  # alphaedit: eigenvalues of C below this span the editable directions
     cache_l2: float = 1e-2  # alphaedit: α, the ridge term of the projected solve
     batch_layers: tuple[int, ...] = ()  # memit: layers a batch is spread over (empty: the 5 ending at ``layer``)
