@@ -156,12 +156,8 @@ def run_command(args: argparse.Namespace, service: EditService) -> int:
                                allow_outlier=args.force, force=args.force, progress=_progress,
                                **(STRENGTHENED if args.strengthen else {}),
                                **({"update": args.update} if args.update else {}))  # fmt: skip
-        data = {**_row(result.record), "superseded": list(result.superseded), "stats": result.stats,
-                "probes": [p.to_dict() for p in result.probes]}  # fmt: skip
-        text = _table([p.to_dict() for p in result.probes], ["kind", "prompt", "before", "after", "holds"])
-        sup = f"; superseded {list(result.superseded)}" if result.superseded else ""
         held = "" if not result.record.not_holding else " (applied, not holding: its own prompt does not give the target)"
-        _emit(args, data, f"applied edit #{result.edit_id}{held}{sup}\n{text}")
+        _emit_applied(args, result.record, result.superseded, result.stats, result.probes, held)
     elif cmd in ("revert", "reapply") and args.batch:
         if args.id is not None:
             raise ValueError(f"{cmd} takes an edit id or --batch ID, not both")
@@ -225,13 +221,18 @@ def _edit_layered(args: argparse.Namespace, service: EditService, request: Any, 
     extra = {"update": solve} if solve != "memit" else {}  # compute_batch: MEMIT's solve unless "alphaedit"
     result = service.apply_batch([request], checks=[(args.paraphrase, args.neighbour)], note=args.note,
                                  allow_outlier=args.force, progress=_progress, **extra)  # fmt: skip
-    record, probes = result.records[0], result.probes[0]
-    data = {**_row(record), "superseded": list(result.superseded), "stats": result.stats,
-            "probes": [p.to_dict() for p in probes]}  # fmt: skip
-    text = _table([p.to_dict() for p in probes], ["kind", "prompt", "before", "after", "holds"])
-    sup = f"; superseded {list(result.superseded)}" if result.superseded else ""
-    _emit(args, data, f"applied edit #{record.id} at layers {result.stats.get('layers')} (batch {result.batch_id}){sup}\n{text}")
+    where = f" at layers {result.stats.get('layers')} (batch {result.batch_id})"
+    _emit_applied(args, result.records[0], result.superseded, result.stats, result.probes[0], where)
     return 0
+
+
+def _emit_applied(args: argparse.Namespace, record: Any, superseded: Sequence[int], stats: dict[str, Any],
+                  probes: Sequence[Any], detail: str) -> None:  # fmt: skip
+    """One applied edit: its row, what it superseded, its stats and probes (``--json``), or a line and the probe table."""
+    data = {**_row(record), "superseded": list(superseded), "stats": stats, "probes": [p.to_dict() for p in probes]}
+    text = _table([p.to_dict() for p in probes], ["kind", "prompt", "before", "after", "holds"])
+    sup = f"; superseded {list(superseded)}" if superseded else ""
+    _emit(args, data, f"applied edit #{record.id}{detail}{sup}\n{text}")
 
 
 def _edit_file(args: argparse.Namespace, service: EditService) -> int:

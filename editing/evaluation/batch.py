@@ -55,6 +55,11 @@ class BatchOutcome:
                 "mean_steps": [round(s, 2) for s in self.mean_steps]}  # fmt: skip
 
 
+def fact_norm(shares: Sequence[Any]) -> float:
+    """‖ΔW‖ of one fact over all its layers' shares (separate matrices, so the squares add)."""
+    return math.sqrt(sum(s.update_norm**2 for s in shares))
+
+
 def check_size(size: int | None) -> None:
     if size is not None and size < 1:
         raise ValueError(f"the batch size must be at least 1, got {size}")
@@ -98,6 +103,6 @@ def _one_batch(run: Scorer, editor: RomeEditor, chunk: Sequence[int], overrides:
     out.layers, out.sizes = tuple(batch.stats["layers"]), [*out.sizes, len(chunk)]
     out.mean_steps.append(float(batch.stats["mean_steps"]))
     for i, shares in zip(chunk, batch.facts):
-        out.norms[i] = math.sqrt(sum(s.update_norm**2 for s in shares))  # the layers' updates are separate matrices
+        out.norms[i] = fact_norm(shares)
     run.tick(len(chunk))
     log.info("batch of %d facts at layers %s: %.1f s", len(chunk), list(out.layers), batch.stats["seconds"])

@@ -8,7 +8,6 @@ together with MEMIT, in batches (``editing.evaluation.batch``), and scores them 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from editing.evaluation.datasets import Case, sample_cases
 from editing.editor import RomeEditor
 from editing.fingerprint import tensor_checksum
 from editing.evaluation.batch import METHOD as BATCH_METHOD
-from editing.evaluation.batch import check_size, run_batches
+from editing.evaluation.batch import check_size, fact_norm, run_batches
 from editing.evaluation.ftl import FineTuneL, FTLHyperParams
 from editing.evaluation.chat_metrics import GenSettings
 from editing.evaluation.metrics import CaseScores, GenerationSettings, aggregate, score_case
@@ -64,7 +63,7 @@ class RomeMethod:
             batch = self.editor.compute_batch([case.request()], **{**self.overrides, "layer": self.layer,
                                                                    "update": LAYERED[self.update]})  # fmt: skip
             self.editor.apply(batch)
-            return math.sqrt(sum(s.update_norm**2 for s in batch.edits))  # the layers' updates are separate matrices
+            return fact_norm(batch.edits)
         edit = self.editor.compute(case.request(), **{**self.overrides, "layer": self.layer, "update": self.update})
         self.editor.apply(edit)
         return edit.update_norm
