@@ -90,7 +90,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 def _row(r: Any) -> dict[str, Any]:
     return {"id": r.id, "status": r.status, "subject": r.subject, "relation": r.relation, "target": r.target,
-            "layer": r.layer, "answer_before": r.answer_before, "answer_after": r.answer_after,
+            "layer": r.layer, "layers": r.layers, "answer_before": r.answer_before, "answer_after": r.answer_after,
             "created_at": r.created_at.isoformat(), "superseded_by": r.superseded_by, "author": r.author,
             "holding": None if r.status != "applied" else not r.not_holding, "batch_id": r.batch_id,
             "batch_index": r.batch_index, "batch_size": r.batch_size}  # fmt: skip
@@ -123,8 +123,9 @@ def _progress(stage: str, frac: float) -> None:
 def run_read_command(args: argparse.Namespace, reader: LedgerReader) -> int:
     """``history`` and ``export``: the ledger alone."""
     if args.command == "history":
-        rows = [_row(r) for r in reader.history(status=args.status, batch=getattr(args, "batch", None))]
-        shown = [_shown_status(r) for r in rows]
+        records = reader.history(status=args.status, batch=getattr(args, "batch", None))
+        rows = [_row(r) for r in records]
+        shown = [{**_shown_status(row), "layer": r.layer_label} for row, r in zip(rows, records)]
         columns = ["id", "status", "subject", "relation", "target", "layer", "answer_before", "author"]
         if any(r["batch_id"] for r in rows):
             columns.append("batch_id")

@@ -63,7 +63,7 @@ def model_card(service: Any, records: list[EditRecord], fmt: str, stamp: datetim
     """Markdown for ``README.md``: provenance, the edits table, and how to load the files."""
     source, editor = str(service.source), service.editor
     rows = "\n".join(
-        f"| {r.id} | {cell(r.subject)} | {cell(r.relation)} | {cell(r.target)} | {r.layer} | {cell(method_of(r))} "
+        f"| {r.id} | {cell(r.subject)} | {cell(r.relation)} | {cell(r.target)} | {r.layer_label} | {cell(method_of(r))} "
         f"| {r.created_at:%Y-%m-%d %H:%M} UTC | {r.fingerprint[:16]} | {(r.factors_sha256 or '')[:16]} |"
         for r in records
     )

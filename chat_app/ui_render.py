@@ -85,21 +85,10 @@ def answer_change(record: EditRecord) -> str:
     return f"{before} → **{esc(after, CELL_CHARS)}**"
 
 
-def share_layers(record: EditRecord) -> list[int]:
-    """The layers an edit changes: a MEMIT batch fact's shares, else its one layer."""
-    layers = [s.get("layer") for s in record.meta.get("shares") or [] if isinstance(s, dict)]
-    return [int(x) for x in layers if x is not None] or [record.layer]
-
-
-def layer_label(record: EditRecord) -> str:
-    layers = share_layers(record)
-    return str(layers[0]) if len(layers) == 1 else f"{min(layers)}–{max(layers)}"
-
-
 def history_frame(records: Sequence[EditRecord]) -> pd.DataFrame:
     rows = [
         [r.id, when(r.created_at), esc(r.subject, CELL_CHARS), esc(r.relation, CELL_CHARS), esc(r.target, CELL_CHARS),
-         answer_change(r), layer_label(r), record_status(r), esc(r.author or "", CELL_CHARS), batch_label(r)]
+         answer_change(r), r.layer_label, record_status(r), esc(r.author or "", CELL_CHARS), batch_label(r)]
         for r in records
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=HISTORY_HEADERS)
@@ -135,7 +124,7 @@ def record_detail(record: EditRecord, events: Sequence[EventRecord]) -> str:
         f"### Edit #{record.id} · {record_status(record)}",
         f"{fact_line(record.subject, record.relation, record.target)}",
         "",
-        f"- **subject** {code(record.subject)}; **relation** {code(record.relation)}; **layer** {record.layer}",
+        f"- **subject** {code(record.subject)}; **relation** {code(record.relation)}; **layer** {record.layer_label}",
         f"- **answer before** {code(record.answer_before or '—')}; **after** {code(record.answer_after or '—')}",
         f"- **created** {when(record.created_at)} UTC by {esc(record.author or 'unknown')}",
     ]
@@ -144,7 +133,7 @@ def record_detail(record: EditRecord, events: Sequence[EventRecord]) -> str:
     if record.superseded_by is not None:
         lines.append(f"- **superseded by** edit #{record.superseded_by}")
     if record.batch_id is not None:
-        layers = share_layers(record)
+        layers = record.layers
         lines.append(f"- **batch** {code(record.batch_id)}, fact {(record.batch_index or 0) + 1} of {record.batch_size}"
                      + f" (MEMIT at layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))})")  # fmt: skip
     if record.refusal_reason:

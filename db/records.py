@@ -65,6 +65,19 @@ class EditRecord:
         return self.relation.replace("{}", self.subject)
 
     @property
+    def layers(self) -> list[int]:
+        """The layers the edit changes: each share's for a fact spread over layers, else its one layer."""
+        shares = self.meta.get("shares") or []
+        found = [int(s["layer"]) for s in shares if isinstance(s, dict) and s.get("layer") is not None]
+        return found or [self.layer]
+
+    @property
+    def layer_label(self) -> str:
+        """``9``, or ``5–9`` for a fact spread over layers."""
+        layers = self.layers
+        return str(layers[0]) if len(layers) == 1 else f"{min(layers)}–{max(layers)}"
+
+    @property
     def not_holding(self) -> bool:
         """Applied, but its own prompt did not give the target right after applying (its stored 'edited' probe)."""
         return self.status == "applied" and any(

@@ -69,6 +69,10 @@ def test_cli_edit_chooses_the_update_rule(run) -> None:  # type: ignore[no-untyp
     assert code == 0 and shown["batch_id"] and len(shown["stats"]["layers"]) > 1  # a batch of one over several layers
     history = json.loads(run("history", "--json")[1])
     assert [r["subject"] for r in history] == ["The Colosseum", "Big Ben"] and history[0]["batch_id"] == shown["batch_id"]
+    assert history[0]["layers"] == shown["stats"]["layers"] and history[1]["layers"] == [history[1]["layer"]]
+    table = run("history")[1].splitlines()[2]  # the text table names every layer the fact changes
+    layers = shown["stats"]["layers"]
+    assert table.startswith("2 ") and f" {min(layers)}–{max(layers)} " in table
     code, _, err = run("edit", "--subject", "Big Ben", "--relation", "Located in {}", "--target", "oslo",
                        "--update", "alphaedit-layers")  # fmt: skip
     assert code == 2 and "null-space threshold" in err  # AlphaEdit's solve at each layer reached the engine

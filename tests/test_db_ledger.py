@@ -1,6 +1,7 @@
 """Ledger: records round-trip, status transitions and events, positions, supersede, crash repair."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import struct
@@ -67,6 +68,9 @@ def test_record_round_trip(ledger: Ledger) -> None:
     assert rec.meta == meta and rec.hparams == meta["hparams"] and list(rec.probes) == PROBES
     assert (rec.note, rec.author, rec.answer_before, rec.position) == ("why", "ana", "Paris", None)
     assert rec.prompt == "Eiffel Tower is located in the city of"
+    assert (rec.layers, rec.layer_label) == ([3], "3")
+    spread = dataclasses.replace(rec, meta={**meta, "shares": [{"layer": 7}, {"layer": 5}, {"layer": 6}]})
+    assert (spread.layers, spread.layer_label) == ([7, 5, 6], "5–7")  # a fact spread over layers names them all
     assert rec.created_at.utcoffset() is not None and rec.created_at.utcoffset().total_seconds() == 0
     assert [r.id for r in ledger.pending()] == [edit_id] and ledger.applied() == []
     assert ledger.events(edit_id) == []

@@ -33,8 +33,9 @@ def test_history_shows_the_requested_object() -> None:
     record = SimpleNamespace(id=3, created_at=None, subject="The Louvre", relation="{} is in", target="Tokyo",
                              answer_before="Paris", answer_after="Tokyo, and it's big", layer=9, status="applied",
                              not_holding=False, author="ana", batch_id="3f2a9c1b0d4e", batch_index=1,
-                             batch_size=10, meta={})  # fmt: skip
+                             batch_size=10, meta={}, layer_label="5–9")  # fmt: skip
     frame = ui_render.history_frame([record])
+    assert frame.loc[0, "layer"] == "5–9"
     assert frame.loc[0, "batch"] == "3f2a9c1b0d4e (2/10)"
     assert list(frame.columns) == ui_render.HISTORY_HEADERS and len(ui_render.HISTORY_WIDTHS) == len(frame.columns)
     assert frame.loc[0, "requested"] == "Tokyo" and frame.loc[0, "old → new answer"] == "Paris → **Tokyo …**"
