@@ -247,9 +247,8 @@ def compute_batch(
     z = first_hidden + torch.stack([v.delta.cpu() for v in results], 1)
     value_s = time.perf_counter() - t0
     batch_id = new_batch_id()
-    saved = editor.applied
     shares: list[list[RankOneEdit]] = [[] for _ in requests]
-    try:
+    with editor.trial([editor.param_name(layer) for layer in layers]):
         for j, layer in enumerate(layers):
             keys, hidden = (first_keys, first_hidden) if j == 0 else reader.read(j)
             if progress is not None:
@@ -278,8 +277,6 @@ def compute_batch(
                     stats=share_stats(batch_id, i, len(requests), layers, extra),
                 ))  # fmt: skip
                 editor.apply(shares[i][-1])  # the next layer's keys and residuals see this one
-    finally:
-        editor.rebuild(list(saved))
     return editor.with_checksums(BatchEdit(batch_id, tuple(tuple(s) for s in shares), {
         "layers": list(layers), "value_s": round(value_s, 4), "seconds": round(time.perf_counter() - t0, 4),
         "mean_steps": sum(r.steps for r in results) / len(results),

@@ -132,6 +132,29 @@ class EditedWeights:
         for name in self._baseline:
             self._rebuild(name)
 
+    @contextmanager
+    def trial(self, names: Sequence[str]) -> Iterator[None]:
+        """Edits applied inside are taken back on exit: the weights and the applied list as they were on entry.
+
+        ``names``' parameters are restored from copies taken on entry, so leaving costs their size,
+        not a rebuild from the baseline through every applied edit (linear in the ledger). A parameter
+        outside ``names`` that changed inside is rebuilt as ``revert`` would.
+        """
+        saved = list(self._applied)
+        copies = {name: self.model.get_parameter(name).detach().clone() for name in dict.fromkeys(names)}
+        try:
+            yield
+        finally:
+            now = self._applied
+            changed = {e.param_name for e in now if not any(e is s for s in saved)}
+            changed |= {e.param_name for e in saved if not any(e is n for n in now)}
+            self._applied = saved
+            with torch.no_grad():
+                for name, tensor in copies.items():
+                    self.model.get_parameter(name).copy_(tensor)
+            for name in changed - copies.keys():
+                self._rebuild(name)
+
     @torch.no_grad()
     def reset(self) -> None:
         """Back to the unedited weights."""

@@ -131,6 +131,19 @@ def test_the_key_cache_keeps_earlier_edits_outputs(setup) -> None:  # type: igno
     assert all(with_cache < 0.5 * without for with_cache, without in zip(moved[1.0], moved[0.0])), moved
 
 
+def test_a_batch_on_applied_edits_leaves_them_exactly_as_they_were(setup) -> None:  # type: ignore[no-untyped-def]
+    """compute_batch restores the entry weights from copies (editor.trial), bit for bit, edits applied or not."""
+    model, _, editor, _, _, batch, _ = setup
+    editor.apply(batch.fact(0))
+    entry, applied = state(model), editor.applied
+    editor.compute_batch([FACTS[2]])
+    assert editor.applied == applied and all(torch.equal(entry[k], v) for k, v in model.state_dict().items())
+    with editor.trial([batch.facts[1][0].param_name]):  # a share outside the names, and a revert, inside
+        editor.apply(batch.fact(1))
+        editor.revert(batch.fact(0))
+    assert editor.applied == applied and all(torch.equal(entry[k], v) for k, v in model.state_dict().items())
+
+
 # Prompts ending in the subject: on these 4-layer random models an edit at layer 1 can then move the
 # next token (facts with more words after the subject do not move, even edited alone).
 ES_FACTS = [
