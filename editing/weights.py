@@ -145,9 +145,9 @@ class EditedWeights:
         try:
             yield
         finally:
-            now = self._applied
-            changed = {e.param_name for e in now if not any(e is s for s in saved)}
-            changed |= {e.param_name for e in saved if not any(e is n for n in now)}
+            now, before = self._applied, {id(e) for e in saved}
+            after = {id(e) for e in now}
+            changed = {e.param_name for e in now if id(e) not in before} | {e.param_name for e in saved if id(e) not in after}
             self._applied = saved
             with torch.no_grad():
                 for name, tensor in copies.items():
