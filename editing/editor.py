@@ -188,7 +188,7 @@ class RomeEditor(EditedWeights):
             check = greedy_check(self.model, hp.layer, rows, self.tok.pad_token_id)
         return StopRule(hp, check)
 
-    def _exact_rows(self, request: EditRequest) -> list[Row]:
+    def exact_rows(self, request: EditRequest) -> list[Row]:
         """The rows whose keys ``exact_keys`` maps to the full delta beside k*: the bare prompt and each chat style."""
         rows = [key_row(self.tok, "{}", request)]
         if getattr(self.tok, "chat_template", None) is not None:
@@ -214,7 +214,7 @@ class RomeEditor(EditedWeights):
         before = tensor_checksum(param)
         t0 = time.perf_counter()
         exact = hp.exact_keys and hp.update == "r-rome"  # the bare prompt's and chat keys get the full delta too
-        extra = self._exact_rows(request) if exact else []
+        extra = self.exact_rows(request) if exact else []
         keys = row_keys(self.model, hp.layer, key_rows + extra, self.tok.pad_token_id)  # padded passes by length
         key = keys[: len(key_rows)].mean(0)
         if progress is not None:

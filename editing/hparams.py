@@ -46,6 +46,7 @@ class RomeHyperParams:
     mom2_weight: float = 1000.0  # memit: λ in ΔW = R Kᵀ (λ C + K_c K_cᵀ + K Kᵀ)⁻¹ (100 facts over layers 5–9: README)
     cache_weight: float = 1.0  # memit: weight of K_c, the keys of the edits already applied at the layer (0: off)
     exact_keys: int = 0  # 1: the update maps k*, the bare prompt's key and 2 chat keys each to the full delta
+    batch_keys: str = "mean"  # compute_batch: "mean", each fact's k*; "exact", also its bare prompt's and chat keys, sharing its residual
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -81,6 +82,7 @@ class RomeHyperParams:
             (self.null_space_threshold > 0, "null_space_threshold must be positive"),
             (self.cache_l2 > 0, "cache_l2 must be positive"),
             (self.exact_keys in (0, 1), "exact_keys must be 0 or 1"),
+            (self.batch_keys in ("mean", "exact"), "batch_keys must be 'mean' or 'exact'"),
         ]
         for ok, message in checks:
             if not ok:

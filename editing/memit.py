@@ -232,19 +232,23 @@ def compute_batch(
     projected = hp.update == "alphaedit"  # AlphaEdit's null-space projection at every layer; otherwise MEMIT's solve
     layers = editor.batch_layers(hp)
     rows = [editor.rows(r, hp) for r in requests]
-    model, pad, last = editor.model, editor.tok.pad_token_id, layers[-1]
+    model, pad, last, n = editor.model, editor.tok.pad_token_id, layers[-1], len(requests)
+    # batch_keys="exact": each fact's bare prompt and chat contexts are key columns of their own in every
+    # layer's solve, with the fact's residual as their target; owner[c] is column c's fact
+    exact = [editor.exact_rows(r) if hp.batch_keys == "exact" else [] for r in requests]
+    owner = torch.tensor(list(range(n)) + [i for i, fact in enumerate(exact) for _ in fact])
     for layer in layers:
         editor.cov(layer, hp.stats_samples, progress)
     t0 = time.perf_counter()
-    reader = LayerReader(model, layers, [r[0] for r in rows], pad)
+    reader = LayerReader(model, layers, [r[0] for r in rows] + [[row] for fact in exact for row in fact], pad)
     first_keys, first_hidden = reader.read(0)  # nothing is applied yet: the residual after ``last`` is the unedited one
     assert reader.last_keys is not None
     results = optimise_values(
-        model, hp.replace(layer=last), reader.last_keys.T, [(values, kl) for _, values, kl in rows], pad,
+        model, hp.replace(layer=last), reader.last_keys[:, :n].T, [(values, kl) for _, values, kl in rows], pad,
         editor.method, progress,
     )  # fmt: skip
     # z_i: the residual after the last layer that says the target. (d, n)
-    z = first_hidden + torch.stack([v.delta.cpu() for v in results], 1)
+    z = first_hidden[:, :n] + torch.stack([v.delta.cpu() for v in results], 1)
     value_s = time.perf_counter() - t0
     batch_id = new_batch_id()
     shares: list[list[RankOneEdit]] = [[] for _ in requests]
@@ -253,7 +257,7 @@ def compute_batch(
             keys, hidden = (first_keys, first_hidden) if j == 0 else reader.read(j)
             if progress is not None:
                 progress("update", (j + 1) / len(layers))
-            resid = (z - hidden) / (len(layers) - j)
+            resid = (z - hidden[:, :n]) / (len(layers) - j)
             cache = editor.key_cache(layer)  # read before this layer's shares are added
             if projected:
                 projection = editor.projection(layer, hp.stats_samples, hp.null_space_threshold)
@@ -263,12 +267,14 @@ def compute_batch(
                 values, key_dirs = layer_shares(editor.cov(layer, hp.stats_samples), keys, resid, hp.mom2_weight,
                                                 cache, hp.cache_weight)  # fmt: skip
                 kept = {}
+            if len(owner) > n:  # ΔW = Σ_c r_owner(c) (M k_c)ᵀ: still one rank-one share per fact
+                key_dirs = torch.zeros(key_dirs.shape[0], n).index_add(1, owner, key_dirs)
             name = editor.param_name(layer)
             layer_hp = {**hp.replace(layer=layer).to_dict(), "update": "alphaedit" if projected else "memit",
                         "batch_layers": list(layers)}  # fmt: skip
             for i, request in enumerate(requests):
                 extra = {"update_norm": float(values[:, i].norm() * key_dirs[:, i].norm()), "cache_keys": int(cache.shape[1]),
-                         "steps": results[i].steps, "target_prob": results[i].target_prob,
+                         "steps": results[i].steps, "target_prob": results[i].target_prob, "exact_keys": len(exact[i]),
                          "delta_norm": float(results[i].delta.norm()), "v0_norm": results[i].v0_norm, **kept}
                 shares[i].append(RankOneEdit(
                     request=request, layer=layer, param_name=name, value_dir=values[:, i].clone(),

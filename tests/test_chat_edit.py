@@ -118,7 +118,7 @@ def test_exact_keys_edit_on_a_tiny_model() -> None:
     tok, model = tiny_tokenizer(), tiny_llama()
     editor = tiny_editor(model, tok, layer=2, steps=8)
     edit = editor.compute(REQUEST, exact_keys=1)
-    rows = editor._exact_rows(REQUEST)
+    rows = editor.exact_rows(REQUEST)
     keys = torch.stack([compute_key(model, 2, [r], tok.pad_token_id) for r in rows])  # each alone, unpadded
     assert len(rows) == 3 and torch.allclose(keys @ edit.key_dir, torch.ones(3), atol=1e-3)  # bare prompt, both chat styles
     assert abs(float(edit.key @ edit.key_dir) - 1) < 1e-3  # and k*
@@ -137,7 +137,7 @@ def test_length_groups_cover_every_row_once_and_bound_the_padding(lengths: list[
 def test_key_rows_of_different_lengths_get_their_own_keys_in_order() -> None:
     tok, model = tiny_tokenizer(), tiny_llama()
     editor = tiny_editor(model, tok, layer=2, steps=8)
-    rows = editor._exact_rows(REQUEST) + editor.rows(REQUEST, editor.hparams)[0][:3]  # chat rows are several times longer
+    rows = editor.exact_rows(REQUEST) + editor.rows(REQUEST, editor.hparams)[0][:3]  # chat rows are several times longer
     assert len(length_groups([len(r.input_ids) for r in rows])) > 1
     alone = torch.stack([compute_key(model, 2, [r], tok.pad_token_id) for r in rows])
     assert torch.allclose(row_keys(model, 2, rows, tok.pad_token_id), alone, atol=1e-5)
