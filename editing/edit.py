@@ -34,6 +34,9 @@ class RankOneEdit:
     checksum_after: str
     stats: dict[str, Any] = field(default_factory=dict)
     key: torch.Tensor | None = None  # (d_in,) k*, kept so the key cache of a layer can be rebuilt from its edits
+    # (m, d_in): the other keys the update was solved for (the bare prompt's and chat contexts' with exact
+    # keys); the key cache holds them beside k*, so later edits keep their outputs too
+    extra_keys: torch.Tensor | None = None
 
     @property
     def update_norm(self) -> float:
@@ -63,6 +66,7 @@ class RankOneEdit:
             "dtype": "float32-le",
             "factors_sha256": hashlib.sha256(self.factors_bytes()).hexdigest(),
             **({} if self.key is None else {"key_star": _encode(self.key)}),
+            **({} if self.extra_keys is None else {"extra_keys": [_encode(k) for k in self.extra_keys]}),
         }
 
     def to_payload(self) -> tuple[dict[str, Any], bytes]:
@@ -95,6 +99,7 @@ class RankOneEdit:
                 checksum_after=str(meta["checksum_after"]),
                 stats=dict(meta.get("stats", {})),
                 key=None if meta.get("key_star") is None else _decode(meta["key_star"], n_key),
+                extra_keys=_decode_keys(meta.get("extra_keys"), n_key),
             )
         except (KeyError, TypeError, IndexError) as err:
             raise ValueError(f"malformed edit record: {err!r}") from err
@@ -124,16 +129,24 @@ def _encode(vector: torch.Tensor) -> str:
     return base64.b64encode(vector.detach().cpu().float().numpy().astype("<f4").tobytes()).decode("ascii")
 
 
-def _decode(text: object, size: int) -> torch.Tensor:
+def _decode(text: object, size: int, field: str = "key_star") -> torch.Tensor:
     if not isinstance(text, str):
-        raise ValueError("meta['key_star'] must be base64 text")
+        raise ValueError(f"meta[{field!r}] must be base64 text")
     try:
         raw = base64.b64decode(text.encode("ascii"), validate=True)
     except (ValueError, UnicodeEncodeError) as err:
-        raise ValueError(f"meta['key_star'] is not base64: {err}") from err
+        raise ValueError(f"meta[{field!r}] is not base64: {err}") from err
     if len(raw) != 4 * size:
-        raise ValueError(f"meta['key_star'] holds {len(raw) // 4} numbers, the key has {size}")
+        raise ValueError(f"meta[{field!r}] holds {len(raw) // 4} numbers, the key has {size}")
     key = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
     if not torch.isfinite(key).all():
-        raise ValueError("meta['key_star'] contains non-finite values")
+        raise ValueError(f"meta[{field!r}] contains non-finite values")
     return key
+
+
+def _decode_keys(texts: object, size: int) -> torch.Tensor | None:
+    if texts is None:
+        return None
+    if not isinstance(texts, list) or not texts:
+        raise ValueError("meta['extra_keys'] must be a non-empty list of base64 keys")
+    return torch.stack([_decode(t, size, "extra_keys") for t in texts])

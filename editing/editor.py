@@ -125,7 +125,7 @@ class RomeEditor(EditedWeights):
         return cached[1]
 
     def key_cache(self, layer: int) -> torch.Tensor:
-        """(d_in, n): the keys k* of the edits applied at ``layer``, in order, derived from ``applied``.
+        """(d_in, n): the keys k* of the edits applied at ``layer``, each followed by its ``extra_keys``, in order.
 
         Because it is derived, revert, re-apply, ``rebuild`` and ``reset`` keep it exact. An edit
         stored without its key (made before keys were kept) is an r-ROME edit: its key is recovered
@@ -142,6 +142,8 @@ class RomeEditor(EditedWeights):
                 keys.append(recover_key(edit.value_dir, edit.key_dir, self.cov(layer, samples)))
             else:
                 keys.append(edit.key)
+            if edit.extra_keys is not None:
+                keys.extend(edit.extra_keys)
         return stack_keys(keys, self.model.get_parameter(name).shape[self._in_axis(name)])
 
     def _in_axis(self, name: str) -> int:
@@ -247,6 +249,7 @@ class RomeEditor(EditedWeights):
             request=request, layer=hp.layer, param_name=name, value_dir=value_dir.cpu(), key_dir=key_dir.cpu(),
             hparams=hp.to_dict(), fingerprint=self.fingerprint, checksum_before=before, checksum_after=after,
             stats=stats, key=key.detach().float().cpu(),
+            extra_keys=keys[len(key_rows) :].detach().float().cpu().clone() if exact else None,
         )  # fmt: skip
 
     def compute_batch(

@@ -274,12 +274,13 @@ def compute_batch(
                         "batch_layers": list(layers)}  # fmt: skip
             for i, request in enumerate(requests):
                 extra = {"update_norm": float(values[:, i].norm() * key_dirs[:, i].norm()), "cache_keys": int(cache.shape[1]),
-                         "steps": results[i].steps, "target_prob": results[i].target_prob, "exact_keys": len(exact[i]),
+                         "steps": results[i].steps, "target_prob": results[i].target_prob, "exact_key_columns": len(exact[i]),
                          "delta_norm": float(results[i].delta.norm()), "v0_norm": results[i].v0_norm, **kept}
                 shares[i].append(RankOneEdit(
                     request=request, layer=layer, param_name=name, value_dir=values[:, i].clone(),
                     key_dir=key_dirs[:, i].clone(), hparams=layer_hp, fingerprint=editor.fingerprint,
                     checksum_before="", checksum_after="", key=keys[:, i].clone(),
+                    extra_keys=keys[:, owner == i][:, 1:].T.clone() if len(exact[i]) else None,
                     stats=share_stats(batch_id, i, len(requests), layers, extra),
                 ))  # fmt: skip
                 editor.apply(shares[i][-1])  # the next layer's keys and residuals see this one

@@ -123,6 +123,8 @@ def test_exact_keys_edit_on_a_tiny_model() -> None:
     assert len(rows) == 3 and torch.allclose(keys @ edit.key_dir, torch.ones(3), atol=1e-3)  # bare prompt, both chat styles
     assert abs(float(edit.key @ edit.key_dir) - 1) < 1e-3  # and k*
     assert torch.allclose(row_keys(model, 2, rows, tok.pad_token_id), keys, atol=1e-5)  # one padded pass = alone
+    assert edit.extra_keys is not None and torch.allclose(edit.extra_keys, keys, atol=1e-5)  # kept for the key cache
+    assert editor.compute(REQUEST, exact_keys=0).extra_keys is None
 
 
 @pytest.mark.parametrize("lengths", [[10, 16, 22, 22, 21, 10, 50, 40], [5], [3, 3, 3], [1, 100, 2, 99, 50]])

@@ -6,6 +6,7 @@ import torch
 
 from editing import EditRequest, RomeEditor
 from editing.arch import get_module, is_transposed
+from editing.edit import RankOneEdit
 from editing.rome import row_keys
 from tests.tiny import tiny_editor, tiny_gpt2, tiny_llama, tiny_tokenizer
 
@@ -154,12 +155,33 @@ def test_exact_batch_keys_give_the_bare_prompt_more_of_the_residual(setup) -> No
     for mode in ("mean", "exact"):
         batch = editor.compute_batch(FACTS, batch_keys=mode)
         shares = [fact[0] for fact in batch.facts]  # each fact's share at the first layer: still rank one
-        assert all(s.layer == first and s.stats["exact_keys"] == (0 if mode == "mean" else len(editor.exact_rows(s.request)))
+        assert all(s.layer == first and s.stats["exact_key_columns"] == (0 if mode == "mean" else len(editor.exact_rows(s.request)))
                    for s in shares)
         # how much of its own residual r each fact's bare prompt receives
         reached[mode] = [float(s.key_dir @ k) for s, k in zip(shares, bare)]  # ΔW k = r (u·k): r's share reached
     # measured on the tiny models: mean 1.12–1.14, 0.02–0.27, 0.02–0.19; exact 0.98–1.00 (the solve's regulariser keeps it below 1)
     assert all(abs(e - 1) < min(0.05, abs(m - 1)) for e, m in zip(reached["exact"], reached["mean"])), reached
+
+
+def test_exact_batch_keys_go_into_the_key_cache_and_survive_the_ledger_payload(setup) -> None:  # type: ignore[no-untyped-def]
+    """A share made with exact keys carries its bare-prompt and chat keys; the key cache lists them after its k*."""
+    model, tok, editor, *_ = setup
+    batch = editor.compute_batch(FACTS[:2], batch_keys="exact")
+    first = batch.facts[0][0]
+    bare = row_keys(model, first.layer, editor.exact_rows(first.request), tok.pad_token_id)  # nothing applied yet
+    assert first.extra_keys is not None and first.extra_keys.shape == bare.shape
+    assert torch.allclose(first.extra_keys, bare.float().cpu(), atol=1e-5)
+    again = RankOneEdit.from_payload(*first.to_payload())
+    assert again.extra_keys is not None and torch.equal(again.extra_keys, first.extra_keys)
+    before = editor.key_cache(first.layer).shape[1]
+    editor.apply(batch)
+    cache = editor.key_cache(first.layer)
+    per_fact = [1 + len(f[0].extra_keys) for f in batch.facts]
+    assert cache.shape[1] == before + sum(per_fact)
+    assert torch.equal(cache[:, before], first.key) and torch.equal(cache[:, before + 1 : before + per_fact[0]], first.extra_keys.T)
+    editor.revert(batch.fact(0))
+    assert editor.key_cache(first.layer).shape[1] == before + per_fact[1]
+    assert editor.compute_batch(FACTS[2:3]).facts[0][0].extra_keys is None  # k* only: nothing extra to keep
 
 
 # Prompts ending in the subject: on these 4-layer random models an edit at layer 1 can then move the
