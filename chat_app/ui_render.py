@@ -134,8 +134,9 @@ def record_detail(record: EditRecord, events: Sequence[EventRecord]) -> str:
         lines.append(f"- **superseded by** edit #{record.superseded_by}")
     if record.batch_id is not None:
         layers = record.layers
+        solve = "AlphaEdit" if (record.meta.get("hparams") or {}).get("update") == "alphaedit" else "MEMIT"
         lines.append(f"- **batch** {code(record.batch_id)}, fact {(record.batch_index or 0) + 1} of {record.batch_size}"
-                     + f" (MEMIT at layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))})")  # fmt: skip
+                     + f" ({solve} at layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))})")  # fmt: skip
     if record.refusal_reason:
         lines.append(f"- **refused / failed because** {esc(record.refusal_reason)}")
     stats = record.meta.get("stats") or {}

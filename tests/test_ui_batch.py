@@ -8,6 +8,7 @@ import pytest
 
 from chat_app.ui_batch import MODES, BatchHandlers
 from chat_app.ui_handlers import Handlers
+from editing import EditRequest
 from tests.service_helpers import same, start, state
 
 FACTS = [
@@ -59,6 +60,13 @@ def test_apply_all_as_one_batch_then_revert_and_reapply_it_from_history(handlers
     assert "fact 1 of 2 (MEMIT at layers 1, 2)" in h.detail(first) and batch in h.detail(first)
     assert "2 of 2 facts are now reverted" in b.revert(first) and same(state(b.service), base)
     assert "2 of 2 facts are applied" in b.reapply(first) and b.service.integrity_problems() == []
+
+
+def test_a_fact_solved_by_alphaedit_names_its_rule_in_the_details(handlers) -> None:  # type: ignore[no-untyped-def]
+    b, h = handlers
+    result = b.service.apply_batch([EditRequest("The Eiffel tower", "Located in {}", "rome")], update="alphaedit",
+                                    null_space_threshold=1.0)  # these tiny models need a higher threshold
+    assert "fact 1 of 1 (AlphaEdit at layers 1, 2)" in h.detail(result.records[0].id)
 
 
 def test_apply_all_one_by_one_records_edits_made_alone(handlers, tmp_path) -> None:  # type: ignore[no-untyped-def]
