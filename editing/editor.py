@@ -16,7 +16,7 @@ from editing.fingerprint import identify_model, tensor_checksum
 from editing.memit import BatchEdit, compute_batch
 from editing.hparams import RomeHyperParams, default_hparams
 from editing.placement import layer_weight
-from editing.projection import Projection, null_space_projection, projected_key_dir, recover_key, stack_keys
+from editing.projection import Projection, null_space_projection, projected_key_dir, recover_key, reduced_gram, stack_keys
 from editing.request import EditRequest
 from editing.weights import EditedWeights
 from editing.rome import Progress, factor_cov, rank_one_factors, row_keys
@@ -67,6 +67,8 @@ class RomeEditor(EditedWeights):
         self._template_sets: dict[tuple[tuple[tuple[int, int], ...], int], list[str]] = {}  # (templates, seed) -> list
         self._local = threading.local()  # .view: this thread's parameter overrides (see ``view``)
         self._projections: dict[tuple[int, int, float], tuple[torch.Tensor, Projection]] = {}
+        # layer -> (basis, the cached edits summed, their Gram, key count): see ``cache_gram``
+        self._grams: dict[int, tuple[torch.Tensor | None, list[RankOneEdit], torch.Tensor, int]] = {}
 
     # ----- preparation -------------------------------------------------------------
     def hparams_for(self, request: EditRequest, **overrides: object) -> RomeHyperParams:
@@ -124,27 +126,55 @@ class RomeEditor(EditedWeights):
             cached = self._projections[(layer, n_samples, threshold)] = (cov, null_space_projection(cov, threshold))
         return cached[1]
 
+    def _cached_edits(self, layer: int) -> list[RankOneEdit]:
+        """The applied edits at ``layer``, in order (inside ``view(without=...)``, not those)."""
+        name = mlp_out_param_name(self.model, layer)
+        hidden = getattr(self._local, "without", ())
+        return [e for e in self._applied if e.param_name == name and not any(e is w for w in hidden)]
+
+    def _edit_keys(self, edit: RankOneEdit, layer: int) -> list[torch.Tensor]:
+        """``edit``'s k*, then its ``extra_keys``. An edit stored without its key (made before keys were
+        kept) is an r-ROME edit: its key is recovered from its factors and that layer's statistics."""
+        if edit.key is None:
+            samples = int(edit.hparams.get("stats_samples", self.hparams.stats_samples))
+            keys = [recover_key(edit.value_dir, edit.key_dir, self.cov(layer, samples))]
+        else:
+            keys = [edit.key]
+        return keys + ([] if edit.extra_keys is None else list(edit.extra_keys))
+
     def key_cache(self, layer: int) -> torch.Tensor:
         """(d_in, n): the keys k* of the edits applied at ``layer``, each followed by its ``extra_keys``, in order.
 
-        Because it is derived, revert, re-apply, ``rebuild`` and ``reset`` keep it exact. An edit
-        stored without its key (made before keys were kept) is an r-ROME edit: its key is recovered
-        from its factors and that layer's statistics.
+        Because it is derived, revert, re-apply, ``rebuild`` and ``reset`` keep it exact.
         """
         name = mlp_out_param_name(self.model, layer)
-        hidden = getattr(self._local, "without", ())  # inside ``view(without=...)``: those edits are not applied
-        keys = []
-        for edit in self._applied:
-            if edit.param_name != name or any(edit is w for w in hidden):
-                continue
-            if edit.key is None:
-                samples = int(edit.hparams.get("stats_samples", self.hparams.stats_samples))
-                keys.append(recover_key(edit.value_dir, edit.key_dir, self.cov(layer, samples)))
-            else:
-                keys.append(edit.key)
-            if edit.extra_keys is not None:
-                keys.extend(edit.extra_keys)
+        keys = [k for edit in self._cached_edits(layer) for k in self._edit_keys(edit, layer)]
         return stack_keys(keys, self.model.get_parameter(name).shape[self._in_axis(name)])
+
+    def cache_gram(self, layer: int, basis: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """``(G, m)``: G = Σ over the cached edits of (ÛᵀK_e)(ÛᵀK_e)ᵀ (float64), K_e an edit's keys, m all keys.
+
+        With ``basis`` None, Û = I: G = K_c K_cᵀ of ``key_cache(layer)``. G is summed edit by edit in
+        the applied order and remembered, so an edit on top of n others adds only its own keys instead
+        of re-reading every cached key; any other change (a revert, a view without some edits) sums
+        again from the first edit, in the same order, so both ways give the same bits.
+        """
+        edits = self._cached_edits(layer)
+        memo = self._grams.get(layer)
+        if memo is not None and memo[0] is basis and len(memo[1]) <= len(edits) and all(
+            a is b for a, b in zip(memo[1], edits)
+        ):
+            _, done, gram, count = memo
+        else:
+            name = mlp_out_param_name(self.model, layer)
+            d = self.model.get_parameter(name).shape[self._in_axis(name)] if basis is None else basis.shape[1]
+            done, gram, count = [], torch.zeros((d, d), dtype=torch.float64), 0
+        for edit in edits[len(done) :]:
+            keys = self._edit_keys(edit, layer)
+            gram = gram + reduced_gram(basis, stack_keys(keys, keys[0].numel()))
+            count += len(keys)
+        self._grams[layer] = (basis, edits, gram, count)
+        return gram, count
 
     def _in_axis(self, name: str) -> int:
         return 0 if is_transposed(get_module(self.model, name.rsplit(".", 1)[0])) else 1
@@ -158,9 +188,9 @@ class RomeEditor(EditedWeights):
             value_dir, key_dir = rank_one_factors(cov, key, delta, self._cov_lu(hp.layer, hp.stats_samples))
             return value_dir, key_dir, {}
         projection = self.projection(hp.layer, hp.stats_samples, hp.null_space_threshold)
-        cache = self.key_cache(hp.layer)
-        key_dir = projected_key_dir(key, projection, cache, hp.cache_l2).to(key.device)
-        stats = {"projection_dims": projection.dims, "cache_keys": int(cache.shape[1])}
+        gram, cached = self.cache_gram(hp.layer, projection.basis)
+        key_dir = projected_key_dir(key, projection, torch.zeros(0), hp.cache_l2, gram).to(key.device)
+        stats = {"projection_dims": projection.dims, "cache_keys": cached}
         return delta.detach().float().clone(), key_dir, stats
 
     def rows(self, request: EditRequest, hp: RomeHyperParams) -> tuple[list[Row], list[Row], Row]:

@@ -31,6 +31,7 @@ from editing.edit import RankOneEdit
 from editing.layers import can_start_midway, run_from
 from editing.nethook import StopForward, capture_input, edit_output, run_until
 from editing.placement import input_device
+from editing.projection import projected_solve
 from editing.rome import Progress, pad_batch
 from editing.rows import Row
 
@@ -165,36 +166,33 @@ class LayerReader:
 
 def layer_shares(
     cov: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, weight: float,
-    cache: torch.Tensor | None = None, cache_weight: float = 1.0,
+    cache_gram: torch.Tensor | None = None, cache_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, key_dirs)``: ``values`` = R (d_out, n), ``key_dirs`` = M K (d_in, n), so ΔW = values @ key_dirsᵀ.
 
-    ``cache`` (d_in, m) holds the keys of the edits already applied at this layer: with them in M, the
-    update also keeps those keys' outputs (``ΔW K_c ≈ 0``), which is what lets edits made one after
-    another coexist. Solved in float64 on the CPU; returned in float32.
+    ``cache_gram`` is K_c K_cᵀ (d_in, d_in) for the keys K_c of the edits already applied at this layer
+    (``editor.cache_gram``): with it in M, the update also keeps those keys' outputs (``ΔW K_c ≈ 0``),
+    which is what lets edits made one after another coexist. Solved in float64 on the CPU; returned in float32.
     """
     k = keys.double().cpu()
     system = weight * cov.double().cpu() + k @ k.T  # (d_in, d_in), symmetric positive definite
-    if cache is not None and cache.shape[1] and cache_weight > 0:
-        c = cache.double().cpu()
-        system += cache_weight * (c @ c.T)
+    if cache_gram is not None and cache_weight > 0:
+        system += cache_weight * cache_gram
     key_dirs = torch.linalg.solve(system, k)  # (d_in, n)
     return resid.float().cpu(), key_dirs.float()
 
 
 def projected_shares(
-    projection: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, cache: torch.Tensor, l2: float
+    basis: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, cache_gram: torch.Tensor, l2: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AlphaEdit's layer update as ``(values, key_dirs)``: ΔW = R Kᵀ P (P (K_c K_cᵀ + K Kᵀ) + α I)⁻¹ᵀ.
 
-    ``projection`` is P, onto the directions of C with small eigenvalues (``editing.projection``): the
-    key directions lie in its range, so a key that P removes (preserved knowledge) sees no change, and
-    the keys of the edits already applied (``cache``) almost none. Fact i's share is ``r_i ⊗ x_i`` with
-    x = (P (K_c K_cᵀ + K Kᵀ) + α I)⁻¹ P k_i. float64 solve on the CPU; float32 out.
+    P = ÛÛᵀ (``basis`` Û) projects onto the directions of C with small eigenvalues (``editing.projection``):
+    the key directions lie in its range, so a key that P removes (preserved knowledge) sees no change, and
+    the keys of the edits already applied (``cache_gram`` = Ûᵀ K_c K_cᵀ Û) almost none. Fact i's share is
+    ``r_i ⊗ x_i`` with x = (P (K_c K_cᵀ + K Kᵀ) + α I)⁻¹ P k_i (``projected_solve``). float32 out.
     """
-    k, c, p = keys.double().cpu(), cache.double().cpu(), projection.double().cpu()
-    system = p @ (c @ c.T + k @ k.T) + l2 * torch.eye(k.shape[0], dtype=torch.float64)
-    key_dirs = torch.linalg.solve(system, p @ k)  # (d_in, n)
+    key_dirs = projected_solve(basis, keys, cache_gram, l2)  # (d_in, n)
     return resid.float().cpu(), key_dirs.float()
 
 
@@ -258,14 +256,15 @@ def compute_batch(
             if progress is not None:
                 progress("update", (j + 1) / len(layers))
             resid = (z - hidden[:, :n]) / (len(layers) - j)
-            cache = editor.key_cache(layer)  # read before this layer's shares are added
-            if projected:
+            if projected:  # the cache is read before this layer's shares are added
                 projection = editor.projection(layer, hp.stats_samples, hp.null_space_threshold)
-                values, key_dirs = projected_shares(projection.matrix, keys, resid, cache, hp.cache_l2)
+                gram, cached = editor.cache_gram(layer, projection.basis)
+                values, key_dirs = projected_shares(projection.basis, keys, resid, gram, hp.cache_l2)
                 kept = {"projection_dims": projection.dims}
             else:
+                gram, cached = editor.cache_gram(layer)
                 values, key_dirs = layer_shares(editor.cov(layer, hp.stats_samples), keys, resid, hp.mom2_weight,
-                                                cache, hp.cache_weight)  # fmt: skip
+                                                gram if cached else None, hp.cache_weight)  # fmt: skip
                 kept = {}
             if len(owner) > n:  # ΔW = Σ_c r_owner(c) (M k_c)ᵀ: still one rank-one share per fact
                 key_dirs = torch.zeros(key_dirs.shape[0], n).index_add(1, owner, key_dirs)
@@ -273,7 +272,7 @@ def compute_batch(
             layer_hp = {**hp.replace(layer=layer).to_dict(), "update": "alphaedit" if projected else "memit",
                         "batch_layers": list(layers)}  # fmt: skip
             for i, request in enumerate(requests):
-                extra = {"update_norm": float(values[:, i].norm() * key_dirs[:, i].norm()), "cache_keys": int(cache.shape[1]),
+                extra = {"update_norm": float(values[:, i].norm() * key_dirs[:, i].norm()), "cache_keys": cached,
                          "steps": results[i].steps, "target_prob": results[i].target_prob, "exact_key_columns": len(exact[i]),
                          "delta_norm": float(results[i].delta.norm()), "v0_norm": results[i].v0_norm, **kept}
                 shares[i].append(RankOneEdit(

@@ -26,6 +26,7 @@ class Projection:
     matrix: torch.Tensor  # (d_in, d_in) float64: P = Û Ûᵀ
     dims: int  # rank of P: how many eigen-directions count as "not preserved"
     threshold: float  # eigenvalue threshold that chose them
+    basis: torch.Tensor  # (d_in, dims) float64: Û, orthonormal
 
 
 def null_space_projection(cov: torch.Tensor, threshold: float) -> Projection:
@@ -37,19 +38,38 @@ def null_space_projection(cov: torch.Tensor, threshold: float) -> Projection:
             f"no eigenvalue of the key statistics is below the null-space threshold {threshold:g} "
             f"(smallest {float(evals[0]):.3g}); raise null_space_threshold"
         )
-    return Projection(small @ small.T, int(small.shape[1]), threshold)
+    return Projection(small @ small.T, int(small.shape[1]), threshold, small)
 
 
-def projected_key_dir(key: torch.Tensor, projection: Projection, cache: torch.Tensor, l2: float) -> torch.Tensor:
+def reduced_gram(basis: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
+    """(ÛᵀK)(ÛᵀK)ᵀ for keys K (d_in, m), float64; K Kᵀ when ``basis`` is None."""
+    b = keys.double().cpu() if basis is None else basis.T @ keys.double().cpu()
+    return b @ b.T
+
+
+def projected_solve(basis: torch.Tensor, keys: torch.Tensor, cache_gram: torch.Tensor, l2: float) -> torch.Tensor:
+    """x = (P (K_c K_cᵀ + K Kᵀ) + α I)⁻¹ P K for keys K (d_in, n), float64 (d_in, n).
+
+    With P = ÛÛᵀ the solution lies in Û's range (x = (P k − P G x) / α), so x = Û y with
+    (ÛᵀGÛ + α I) y = Ûᵀk: a system of P's rank instead of d_in, and ``cache_gram`` = Ûᵀ K_c K_cᵀ Û
+    (``reduced_gram``) can be kept up to date edit by edit instead of recomputed from every cached key.
+    """
+    k = basis.T @ keys.double().cpu()  # (r, n)
+    system = cache_gram + k @ k.T + l2 * torch.eye(k.shape[0], dtype=torch.float64)
+    return basis @ torch.linalg.solve(system, k)
+
+
+def projected_key_dir(
+    key: torch.Tensor, projection: Projection, cache: torch.Tensor, l2: float, cache_gram: torch.Tensor | None = None
+) -> torch.Tensor:
     """AlphaEdit's key direction for ``key`` (d_in,), scaled so that ``key_dir · key = 1``. float32, CPU.
 
-    ``cache`` (d_in, n) holds the keys of the edits already applied at this layer (n may be 0).
+    ``cache`` (d_in, n) holds the keys of the edits already applied at this layer (n may be 0);
+    ``cache_gram``, if given, is its ``reduced_gram`` on the projection's basis (then ``cache`` is not read).
     """
     k = key.double().cpu()
-    p = projection.matrix
-    gram = torch.outer(k, k) + cache.double() @ cache.double().T  # (d_in, d_in)
-    system = p @ gram + l2 * torch.eye(k.numel(), dtype=torch.float64)
-    x = torch.linalg.solve(system, p @ k)  # (d_in,)
+    gram = reduced_gram(projection.basis, cache) if cache_gram is None else cache_gram
+    x = projected_solve(projection.basis, k[:, None], gram, l2)[:, 0]  # (d_in,)
     landing = torch.dot(x, k)
     if not torch.isfinite(landing) or landing <= 1e-12 * float(k.norm() * x.norm()):
         raise ValueError(

@@ -247,7 +247,7 @@ def test_layer_reads_match_one_fact_at_a_time_after_each_layer_update(arch: str)
 def test_projected_layer_shares_leave_preserved_and_cached_keys_alone() -> None:
     """AlphaEdit's layer solve: a key in C's large-eigenvalue directions gets no change, cached keys almost none, new keys land."""
     from editing.memit import projected_shares
-    from editing.projection import null_space_projection
+    from editing.projection import null_space_projection, reduced_gram
 
     torch.manual_seed(0)
     d, n, m = 24, 3, 4
@@ -257,7 +257,11 @@ def test_projected_layer_shares_leave_preserved_and_cached_keys_alone() -> None:
     projection = null_space_projection(cov, threshold=1e-2)  # the 16 small directions
     preserved = basis[:, :8] @ torch.randn(8, dtype=torch.float64)  # lies where C is large: P removes it
     keys, cache, resid = torch.randn(d, n), torch.randn(d, m), torch.randn(6, n)
-    values, key_dirs = projected_shares(projection.matrix, keys, resid, cache, l2=1e-6)
+    values, key_dirs = projected_shares(projection.basis, keys, resid, reduced_gram(projection.basis, cache), l2=1e-6)
+    # the solve in P's range equals AlphaEdit's full-size one, (P (K_c K_cᵀ + K Kᵀ) + α I)⁻¹ P K
+    p, k, c = projection.matrix, keys.double(), cache.double()
+    full = torch.linalg.solve(p @ (c @ c.T + k @ k.T) + 1e-6 * torch.eye(d, dtype=torch.float64), p @ k)
+    torch.testing.assert_close(key_dirs.double(), full, atol=1e-4, rtol=1e-4)
     delta = values.double() @ key_dirs.double().T  # (d_out, d_in)
     assert float((delta @ preserved).norm()) < 1e-4 * float(resid.norm() * preserved.norm())
     assert float((delta @ cache.double()).norm()) < 1e-2 * float((delta @ keys.double()).norm())

@@ -86,6 +86,27 @@ def test_key_cache_after_revert_equals_the_rebuilt_one(setup) -> None:  # type: 
     assert editor.key_cache(editor.hparams.layer).shape[1] == 0
 
 
+def test_the_cache_gram_kept_edit_by_edit_equals_the_one_summed_afresh(setup) -> None:  # type: ignore[no-untyped-def]
+    """cache_gram adds each new edit's keys to the remembered sum; after a revert it sums again, bit for bit the same."""
+    model, tok, editor = setup
+    layer, hp = editor.hparams.layer, editor.hparams
+    basis = editor.projection(layer, hp.stats_samples, hp.null_space_threshold).basis
+    edits = []
+    for request in (REQ, OTHER, THIRD):
+        edits.append(editor.compute(request, update="r-rome", exact_keys=1))  # keeps its exact keys too
+        editor.apply(edits[-1])
+        gram, count = editor.cache_gram(layer, basis)  # kept up to date
+        cache = editor.key_cache(layer)
+        assert count == cache.shape[1] == sum(1 + len(editor.exact_rows(e.request)) for e in edits)
+        torch.testing.assert_close(gram, (basis.T @ cache.double()) @ (basis.T @ cache.double()).T)
+    editor.revert(edits[1])
+    after_revert, count = editor.cache_gram(layer, basis)
+    editor._grams.clear()  # nothing remembered: summed from the first edit
+    assert count == editor.key_cache(layer).shape[1] and torch.equal(after_revert, editor.cache_gram(layer, basis)[0])
+    full, _ = editor.cache_gram(layer)  # no basis: K_c K_cᵀ
+    torch.testing.assert_close(full, editor.key_cache(layer).double() @ editor.key_cache(layer).double().T)
+
+
 def test_key_round_trips_and_is_recovered_for_old_r_rome_edits(setup) -> None:  # type: ignore[no-untyped-def]
     model, tok, editor = setup
     edit = editor.compute(REQ, update="r-rome")
