@@ -23,10 +23,14 @@ UPDATES = ("r-rome", "alphaedit")
 
 @dataclass(frozen=True)
 class Projection:
-    matrix: torch.Tensor  # (d_in, d_in) float64: P = Û Ûᵀ
+    basis: torch.Tensor  # (d_in, dims) float64: Û, orthonormal
     dims: int  # rank of P: how many eigen-directions count as "not preserved"
     threshold: float  # eigenvalue threshold that chose them
-    basis: torch.Tensor  # (d_in, dims) float64: Û, orthonormal
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """(d_in, d_in) float64: P = Û Ûᵀ (the solves work in Û's coordinates and never form it)."""
+        return self.basis @ self.basis.T
 
 
 def null_space_projection(cov: torch.Tensor, threshold: float) -> Projection:
@@ -38,7 +42,7 @@ def null_space_projection(cov: torch.Tensor, threshold: float) -> Projection:
             f"no eigenvalue of the key statistics is below the null-space threshold {threshold:g} "
             f"(smallest {float(evals[0]):.3g}); raise null_space_threshold"
         )
-    return Projection(small @ small.T, int(small.shape[1]), threshold, small)
+    return Projection(small, int(small.shape[1]), threshold)
 
 
 def reduced_gram(basis: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
