@@ -133,14 +133,18 @@ class RomeEditor(EditedWeights):
         return [e for e in self._applied if e.param_name == name and not any(e is w for w in hidden)]
 
     def _edit_keys(self, edit: RankOneEdit, layer: int) -> list[torch.Tensor]:
-        """``edit``'s k*, then its ``extra_keys``. An edit stored without its key (made before keys were
-        kept) is an r-ROME edit: its key is recovered from its factors and that layer's statistics."""
+        """``edit``'s k*, then its ``extra_keys`` times √``batch_key_weight`` (the weight they were solved with).
+        An edit stored without its key (made before keys were kept) is an r-ROME edit: its key is
+        recovered from its factors and that layer's statistics."""
         if edit.key is None:
             samples = int(edit.hparams.get("stats_samples", self.hparams.stats_samples))
             keys = [recover_key(edit.value_dir, edit.key_dir, self.cov(layer, samples))]
         else:
             keys = [edit.key]
-        return keys + ([] if edit.extra_keys is None else list(edit.extra_keys))
+        if edit.extra_keys is None:
+            return keys
+        root_w = float(edit.hparams.get("batch_key_weight", 1.0)) ** 0.5
+        return keys + list(edit.extra_keys if root_w == 1 else edit.extra_keys * root_w)
 
     def key_cache(self, layer: int) -> torch.Tensor:
         """(d_in, n): the keys k* of the edits applied at ``layer``, each followed by its ``extra_keys``, in order.

@@ -47,6 +47,7 @@ class RomeHyperParams:
     cache_weight: float = 1.0  # memit: weight of K_c, the keys of the edits already applied at the layer (0: off)
     exact_keys: int = 0  # 1: the update maps k*, the bare prompt's key and 2 chat keys each to the full delta
     batch_keys: str = "mean"  # compute_batch: "mean", each fact's k*; "exact", also its bare prompt's and chat keys, sharing its residual
+    batch_key_weight: float = 1.0  # batch_keys="exact": the weight of those extra key columns in the least squares (1: as k*)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -83,6 +84,7 @@ class RomeHyperParams:
             (self.cache_l2 > 0, "cache_l2 must be positive"),
             (self.exact_keys in (0, 1), "exact_keys must be 0 or 1"),
             (self.batch_keys in ("mean", "exact"), "batch_keys must be 'mean' or 'exact'"),
+            (0 < self.batch_key_weight <= 1, "batch_key_weight must be above 0 and at most 1"),
         ]
         for ok, message in checks:
             if not ok:

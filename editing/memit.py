@@ -235,6 +235,9 @@ def compute_batch(
     # layer's solve, with the fact's residual as their target; owner[c] is column c's fact
     exact = [editor.exact_rows(r) if hp.batch_keys == "exact" else [] for r in requests]
     owner = torch.tensor(list(range(n)) + [i for i, fact in enumerate(exact) for _ in fact])
+    # column c weighs w_c in the least squares: solved with √w_c k_c, and its key direction scaled by √w_c again
+    root_w = torch.ones(len(owner))
+    root_w[n:] = hp.batch_key_weight**0.5
     for layer in layers:
         editor.cov(layer, hp.stats_samples, progress)
     t0 = time.perf_counter()
@@ -256,18 +259,19 @@ def compute_batch(
             if progress is not None:
                 progress("update", (j + 1) / len(layers))
             resid = (z - hidden[:, :n]) / (len(layers) - j)
+            weighted = keys * root_w.to(keys.device)
             if projected:  # the cache is read before this layer's shares are added
                 projection = editor.projection(layer, hp.stats_samples, hp.null_space_threshold)
                 gram, cached = editor.cache_gram(layer, projection.basis)
-                values, key_dirs = projected_shares(projection.basis, keys, resid, gram, hp.cache_l2)
+                values, key_dirs = projected_shares(projection.basis, weighted, resid, gram, hp.cache_l2)
                 kept = {"projection_dims": projection.dims}
             else:
                 gram, cached = editor.cache_gram(layer)
-                values, key_dirs = layer_shares(editor.cov(layer, hp.stats_samples), keys, resid, hp.mom2_weight,
+                values, key_dirs = layer_shares(editor.cov(layer, hp.stats_samples), weighted, resid, hp.mom2_weight,
                                                 gram if cached else None, hp.cache_weight)  # fmt: skip
                 kept = {}
-            if len(owner) > n:  # ΔW = Σ_c r_owner(c) (M k_c)ᵀ: still one rank-one share per fact
-                key_dirs = torch.zeros(key_dirs.shape[0], n).index_add(1, owner, key_dirs)
+            if len(owner) > n:  # ΔW = Σ_c w_c r_owner(c) (M k_c)ᵀ: still one rank-one share per fact
+                key_dirs = torch.zeros(key_dirs.shape[0], n).index_add(1, owner, key_dirs * root_w)
             name = editor.param_name(layer)
             layer_hp = {**hp.replace(layer=layer).to_dict(), "update": "alphaedit" if projected else "memit",
                         "batch_layers": list(layers)}  # fmt: skip

@@ -152,8 +152,9 @@ def test_exact_batch_keys_give_the_bare_prompt_more_of_the_residual(setup) -> No
     first = editor.batch_layers(editor.hparams)[0]  # the keys at the first batch layer do not depend on the update
     bare = [row_keys(model, first, editor.exact_rows(r)[:1], tok.pad_token_id)[0] for r in FACTS]
     reached = {}
-    for mode in ("mean", "exact"):
-        batch = editor.compute_batch(FACTS, batch_keys=mode)
+    for mode in ("mean", "exact", "weighted"):
+        batch = editor.compute_batch(FACTS, batch_keys="mean" if mode == "mean" else "exact",
+                                     batch_key_weight=0.2 if mode == "weighted" else 1.0)  # fmt: skip
         shares = [fact[0] for fact in batch.facts]  # each fact's share at the first layer: still rank one
         assert all(s.layer == first and s.stats["exact_key_columns"] == (0 if mode == "mean" else len(editor.exact_rows(s.request)))
                    for s in shares)
@@ -161,6 +162,8 @@ def test_exact_batch_keys_give_the_bare_prompt_more_of_the_residual(setup) -> No
         reached[mode] = [float(s.key_dir @ k) for s, k in zip(shares, bare)]  # ΔW k = r (u·k): r's share reached
     # measured on the tiny models: mean 1.12–1.14, 0.02–0.27, 0.02–0.19; exact 0.98–1.00 (the solve's regulariser keeps it below 1)
     assert all(abs(e - 1) < min(0.05, abs(m - 1)) for e, m in zip(reached["exact"], reached["mean"])), reached
+    # a smaller weight on the extra columns gives the bare prompt a share between the two
+    assert all(abs(e - 1) <= abs(w - 1) <= abs(m - 1) for e, w, m in zip(reached["exact"], reached["weighted"], reached["mean"])), reached
 
 
 def test_exact_batch_keys_go_into_the_key_cache_and_survive_the_ledger_payload(setup) -> None:  # type: ignore[no-untyped-def]
@@ -182,6 +185,10 @@ def test_exact_batch_keys_go_into_the_key_cache_and_survive_the_ledger_payload(s
     editor.revert(batch.fact(0))
     assert editor.key_cache(first.layer).shape[1] == before + per_fact[1]
     assert editor.compute_batch(FACTS[2:3]).facts[0][0].extra_keys is None  # k* only: nothing extra to keep
+    editor.reset()
+    light = editor.compute_batch(FACTS[2:3], batch_keys="exact", batch_key_weight=0.25).facts[0][0]
+    editor.apply(light)  # the cache weighs its extra keys as the solve did: √0.25 = 0.5
+    torch.testing.assert_close(editor.key_cache(light.layer)[:, 1:], 0.5 * light.extra_keys.T)
 
 
 # Prompts ending in the subject: on these 4-layer random models an edit at layer 1 can then move the
