@@ -193,7 +193,7 @@ class RomeEditor(EditedWeights):
             return value_dir, key_dir, {}
         projection = self.projection(hp.layer, hp.stats_samples, hp.null_space_threshold)
         gram, cached = self.cache_gram(hp.layer, projection.basis)
-        key_dir = projected_key_dir(key, projection, torch.zeros(0), hp.cache_l2, gram).to(key.device)
+        key_dir = projected_key_dir(key, projection, None, hp.cache_l2, gram).to(key.device)
         stats = {"projection_dims": projection.dims, "cache_keys": cached}
         return delta.detach().float().clone(), key_dir, stats
 

@@ -64,15 +64,19 @@ def projected_solve(basis: torch.Tensor, keys: torch.Tensor, cache_gram: torch.T
 
 
 def projected_key_dir(
-    key: torch.Tensor, projection: Projection, cache: torch.Tensor, l2: float, cache_gram: torch.Tensor | None = None
+    key: torch.Tensor, projection: Projection, cache: torch.Tensor | None, l2: float, cache_gram: torch.Tensor | None = None
 ) -> torch.Tensor:
     """AlphaEdit's key direction for ``key`` (d_in,), scaled so that ``key_dir · key = 1``. float32, CPU.
 
-    ``cache`` (d_in, n) holds the keys of the edits already applied at this layer (n may be 0);
-    ``cache_gram``, if given, is its ``reduced_gram`` on the projection's basis (then ``cache`` is not read).
+    ``cache`` (d_in, n) holds the keys of the edits already applied at this layer (n may be 0); or
+    pass None and ``cache_gram``, their ``reduced_gram`` on the projection's basis.
     """
     k = key.double().cpu()
-    gram = reduced_gram(projection.basis, cache) if cache_gram is None else cache_gram
+    if cache_gram is None:
+        if cache is None:
+            raise ValueError("projected_key_dir needs the cached keys or their reduced Gram")
+        cache_gram = reduced_gram(projection.basis, cache)
+    gram = cache_gram
     x = projected_solve(projection.basis, k[:, None], gram, l2)[:, 0]  # (d_in,)
     landing = torch.dot(x, k)
     if not torch.isfinite(landing) or landing <= 1e-12 * float(k.norm() * x.norm()):
