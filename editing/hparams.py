@@ -13,6 +13,7 @@ from editing.defaults import PRECISIONS
 
 
 KL_DIRECTIONS = ("original||edited", "edited||original")
+BATCH_KEYS = ("mean", "exact", "prompt")  # compute_batch's key columns per fact (see ``batch_keys``)
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,10 @@ class RomeHyperParams:
     mom2_weight: float = 1000.0  # memit: λ in ΔW = R Kᵀ (λ C + K_c K_cᵀ + K Kᵀ)⁻¹ (100 facts over layers 5–9: README)
     cache_weight: float = 1.0  # memit: weight of K_c, the keys of the edits already applied at the layer (0: off)
     exact_keys: int = 0  # 1: the update maps k*, the bare prompt's key and 2 chat keys each to the full delta
-    batch_keys: str = "mean"  # compute_batch: "mean", each fact's k*; "exact", also its bare prompt's and chat keys, sharing its residual
-    batch_key_weight: float = 1.0  # batch_keys="exact": the weight of those extra key columns in the least squares (1: as k*)
+    # compute_batch: "mean", each fact's k*; "exact", also its bare prompt's and chat keys, sharing its
+    # residual; "prompt", k* and the bare prompt's key only
+    batch_keys: str = "mean"
+    batch_key_weight: float = 1.0  # batch_keys="exact"|"prompt": the weight of those extra key columns in the least squares (1: as k*)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -83,7 +86,7 @@ class RomeHyperParams:
             (self.null_space_threshold > 0, "null_space_threshold must be positive"),
             (self.cache_l2 > 0, "cache_l2 must be positive"),
             (self.exact_keys in (0, 1), "exact_keys must be 0 or 1"),
-            (self.batch_keys in ("mean", "exact"), "batch_keys must be 'mean' or 'exact'"),
+            (self.batch_keys in BATCH_KEYS, f"batch_keys must be one of {', '.join(map(repr, BATCH_KEYS))}"),
             (0 < self.batch_key_weight <= 1, "batch_key_weight must be above 0 and at most 1"),
         ]
         for ok, message in checks:

@@ -216,6 +216,14 @@ def _check_requests(requests: Sequence[EditRequest]) -> None:
         seen[key] = i
 
 
+def _extra_rows(editor: RomeEditor, request: EditRequest, batch_keys: str) -> list[Row]:
+    """The rows whose keys are key columns beside k* for ``batch_keys``: none, ``exact_rows``, or its first (the bare prompt)."""
+    if batch_keys == "mean":
+        return []
+    rows = editor.exact_rows(request)
+    return rows[:1] if batch_keys == "prompt" else rows
+
+
 def compute_batch(
     editor: RomeEditor, requests: Sequence[EditRequest], progress: Progress | None = None, **overrides: object
 ) -> BatchEdit:
@@ -233,7 +241,8 @@ def compute_batch(
     model, pad, last, n = editor.model, editor.tok.pad_token_id, layers[-1], len(requests)
     # batch_keys="exact": each fact's bare prompt and chat contexts are key columns of their own in every
     # layer's solve, with the fact's residual as their target; owner[c] is column c's fact
-    exact = [editor.exact_rows(r) if hp.batch_keys == "exact" else [] for r in requests]
+    # ("prompt": the bare prompt's only, the first of ``exact_rows``)
+    exact = [_extra_rows(editor, r, hp.batch_keys) for r in requests]
     owner = torch.tensor(list(range(n)) + [i for i, fact in enumerate(exact) for _ in fact])
     # column c weighs w_c in the least squares: solved with √w_c k_c, and its key direction scaled by √w_c again
     root_w = torch.ones(len(owner))

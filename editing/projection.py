@@ -76,8 +76,7 @@ def projected_key_dir(
         if cache is None:
             raise ValueError("projected_key_dir needs the cached keys or their reduced Gram")
         cache_gram = reduced_gram(projection.basis, cache)
-    gram = cache_gram
-    x = projected_solve(projection.basis, k[:, None], gram, l2)[:, 0]  # (d_in,)
+    x = projected_solve(projection.basis, k[:, None], cache_gram, l2)[:, 0]  # (d_in,)
     landing = torch.dot(x, k)
     if not torch.isfinite(landing) or landing <= 1e-12 * float(k.norm() * x.norm()):
         raise ValueError(

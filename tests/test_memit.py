@@ -7,6 +7,7 @@ import torch
 from editing import EditRequest, RomeEditor
 from editing.arch import get_module, is_transposed
 from editing.edit import RankOneEdit
+from editing.hparams import RomeHyperParams
 from editing.rome import row_keys
 from tests.tiny import tiny_editor, tiny_gpt2, tiny_llama, tiny_tokenizer
 
@@ -152,18 +153,28 @@ def test_exact_batch_keys_give_the_bare_prompt_more_of_the_residual(setup) -> No
     first = editor.batch_layers(editor.hparams)[0]  # the keys at the first batch layer do not depend on the update
     bare = [row_keys(model, first, editor.exact_rows(r)[:1], tok.pad_token_id)[0] for r in FACTS]
     reached = {}
-    for mode in ("mean", "exact", "weighted"):
-        batch = editor.compute_batch(FACTS, batch_keys="mean" if mode == "mean" else "exact",
+    columns = {"mean": lambda r: 0, "prompt": lambda r: 1, "exact": lambda r: len(editor.exact_rows(r))}
+    for mode in ("mean", "exact", "weighted", "prompt"):
+        batch = editor.compute_batch(FACTS, batch_keys="exact" if mode == "weighted" else mode,
                                      batch_key_weight=0.2 if mode == "weighted" else 1.0)  # fmt: skip
         shares = [fact[0] for fact in batch.facts]  # each fact's share at the first layer: still rank one
-        assert all(s.layer == first and s.stats["exact_key_columns"] == (0 if mode == "mean" else len(editor.exact_rows(s.request)))
-                   for s in shares)
+        count = columns["exact" if mode == "weighted" else mode]
+        assert all(s.layer == first and s.stats["exact_key_columns"] == count(s.request) for s in shares)
+        assert all((s.extra_keys is None) == (mode == "mean") for s in shares)
         # how much of its own residual r each fact's bare prompt receives
         reached[mode] = [float(s.key_dir @ k) for s, k in zip(shares, bare)]  # ΔW k = r (u·k): r's share reached
     # measured on the tiny models: mean 1.12–1.14, 0.02–0.27, 0.02–0.19; exact 0.98–1.00 (the solve's regulariser keeps it below 1)
     assert all(abs(e - 1) < min(0.05, abs(m - 1)) for e, m in zip(reached["exact"], reached["mean"])), reached
     # a smaller weight on the extra columns gives the bare prompt a share between the two
     assert all(abs(e - 1) <= abs(w - 1) <= abs(m - 1) for e, w, m in zip(reached["exact"], reached["weighted"], reached["mean"])), reached
+    # the bare prompt's key alone beside k* gives it its residual as the full set does
+    assert all(abs(p - 1) < min(0.05, abs(m - 1)) for p, m in zip(reached["prompt"], reached["mean"])), reached
+
+
+def test_batch_keys_names_a_known_rule() -> None:
+    assert RomeHyperParams(layer=1, batch_keys="prompt").batch_keys == "prompt"
+    with pytest.raises(ValueError, match="batch_keys must be one of 'mean', 'exact', 'prompt'"):
+        RomeHyperParams(layer=1, batch_keys="chat")
 
 
 def test_exact_batch_keys_go_into_the_key_cache_and_survive_the_ledger_payload(setup) -> None:  # type: ignore[no-untyped-def]

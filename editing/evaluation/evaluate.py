@@ -197,12 +197,17 @@ def _sequential_method(
                 latest = {j: run.score(j, base[j]) for j in norms if j in base}
                 curve.append((len(norms), aggregate(list(latest.values()))))
                 run.tick(len(latest))
-                shown = {k: round(v, 1) for k, v in curve[-1][1].items() if k in ("ES", "PS", "NS") and v is not None}
-                log.info("%s after %d edits (%d scored): %s; mean ||ΔW|| %.1f", method.name, len(norms), len(latest),
-                         shown, sum(norms.values()) / max(1, len(norms)))  # fmt: skip
+                log.info("%s after %d edits (%d scored): %s; unedited on these cases %s; mean ||ΔW|| %.1f",
+                         method.name, len(norms), len(latest), _headline(curve[-1][1]),
+                         _headline(aggregate([base[j] for j in latest])), sum(norms.values()) / max(1, len(norms)))  # fmt: skip
     finally:
         method.restore()
     return latest, norms, curve
+
+
+def _headline(row: dict[str, float | None]) -> dict[str, float]:
+    """ES, PS and NS of an aggregated row, rounded for the log."""
+    return {k: round(v, 1) for k, v in row.items() if k in ("ES", "PS", "NS") and v is not None}
 
 
 def watched_cases(n: int, watch: int | None, seed: int) -> list[int]:
