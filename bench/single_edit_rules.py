@@ -33,7 +33,7 @@ def main() -> None:
     for layer in editor.batch_layers(editor.hparams):
         editor.cov(layer)
     rules = {
-        "r-ROME (app default)": lambda r: editor.compute(r),
+        "r-ROME (app default)": editor.compute,
         "MEMIT-1, batch_keys=exact": lambda r: editor.compute_batch([r], batch_keys="exact"),
     }
     times: dict[str, list[float]] = {name: [] for name in rules}

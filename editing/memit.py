@@ -239,18 +239,17 @@ def compute_batch(
     layers = editor.batch_layers(hp)
     rows = [editor.rows(r, hp) for r in requests]
     model, pad, last, n = editor.model, editor.tok.pad_token_id, layers[-1], len(requests)
-    # batch_keys="exact": each fact's bare prompt and chat contexts are key columns of their own in every
-    # layer's solve, with the fact's residual as their target; owner[c] is column c's fact
-    # ("prompt": the bare prompt's only, the first of ``exact_rows``)
-    exact = [_extra_rows(editor, r, hp.batch_keys) for r in requests]
-    owner = torch.tensor(list(range(n)) + [i for i, fact in enumerate(exact) for _ in fact])
+    # batch_keys="exact" ("prompt"): each fact's bare prompt and chat contexts (the bare prompt only) are key
+    # columns of their own in every layer's solve, with the fact's residual as their target; owner[c] is column c's fact
+    extra_rows = [_extra_rows(editor, r, hp.batch_keys) for r in requests]
+    owner = torch.tensor(list(range(n)) + [i for i, fact in enumerate(extra_rows) for _ in fact])
     # column c weighs w_c in the least squares: solved with √w_c k_c, and its key direction scaled by √w_c again
     root_w = torch.ones(len(owner))
     root_w[n:] = hp.batch_key_weight**0.5
     for layer in layers:
         editor.cov(layer, hp.stats_samples, progress)
     t0 = time.perf_counter()
-    reader = LayerReader(model, layers, [r[0] for r in rows] + [[row] for fact in exact for row in fact], pad)
+    reader = LayerReader(model, layers, [r[0] for r in rows] + [[row] for fact in extra_rows for row in fact], pad)
     first_keys, first_hidden = reader.read(0)  # nothing is applied yet: the residual after ``last`` is the unedited one
     assert reader.last_keys is not None
     results = optimise_values(
@@ -286,13 +285,13 @@ def compute_batch(
                         "batch_layers": list(layers)}  # fmt: skip
             for i, request in enumerate(requests):
                 extra = {"update_norm": float(values[:, i].norm() * key_dirs[:, i].norm()), "cache_keys": cached,
-                         "steps": results[i].steps, "target_prob": results[i].target_prob, "exact_key_columns": len(exact[i]),
+                         "steps": results[i].steps, "target_prob": results[i].target_prob, "exact_key_columns": len(extra_rows[i]),
                          "delta_norm": float(results[i].delta.norm()), "v0_norm": results[i].v0_norm, **kept}
                 shares[i].append(RankOneEdit(
                     request=request, layer=layer, param_name=name, value_dir=values[:, i].clone(),
                     key_dir=key_dirs[:, i].clone(), hparams=layer_hp, fingerprint=editor.fingerprint,
                     checksum_before="", checksum_after="", key=keys[:, i].clone(),
-                    extra_keys=keys[:, owner == i][:, 1:].T.clone() if len(exact[i]) else None,
+                    extra_keys=keys[:, owner == i][:, 1:].T.clone() if len(extra_rows[i]) else None,
                     stats=share_stats(batch_id, i, len(requests), layers, extra),
                 ))  # fmt: skip
                 editor.apply(shares[i][-1])  # the next layer's keys and residuals see this one
